@@ -1,0 +1,79 @@
+"""Train and evaluate LeNet-5 (XNOR-Net or float) on MNIST.
+
+    python MNIST/main.py --data DIR                      # 2017 recipe, 60 epochs
+    python MNIST/main.py --arch LeNet_5_float --data DIR # float counterpart
+    python MNIST/main.py --pretrained MNIST/models/LeNet_5.pth --evaluate --data DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from lenet import ARCHITECTURES, build_model
+from mnist_data import download, load_mnist
+from xnornet.cli import ArgumentParser, positive_int, run_cli, setup_logging
+from xnornet.distributed import init_distributed
+from xnornet.engine import iterate_tensors
+from xnornet.recipe import add_common_args, run_recipe
+
+RECIPE_DIR = Path(__file__).resolve().parent
+LOG = logging.getLogger("xnornet")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description="XNOR-Net LeNet-5 on MNIST (Adam, lr / 10 every --lr-epochs epochs)")
+    parser.add_argument("--arch", default="LeNet_5", choices=sorted(ARCHITECTURES),
+                        help="LeNet_5 = XNOR (2017), LeNet_5_float = float counterpart, LeNet_5_bwn = binary "
+                             "weights only, LeNet_5_K = XNOR with the activation scale K (default: LeNet_5)")
+    parser.add_argument("--data", type=Path, default=Path("./data"), metavar="DIR",
+                        help="folder holding MNIST/raw/*-ubyte, as torchvision lays it out (default: ./data)")
+    parser.add_argument("--download", action="store_true", help="fetch MNIST into --data with torchvision first")
+    parser.add_argument("--test-batch-size", type=positive_int, default=128, metavar="N",
+                        help="test batch size (default: 128)")
+    parser.add_argument("--lr-epochs", type=positive_int, default=15, metavar="N",
+                        help="divide the learning rate by 10 every N epochs (default: 15)")
+    parser.add_argument("--no-cuda", action="store_true", help="run on the CPU even if CUDA is available")
+    add_common_args(parser, epochs=60, lr=0.01, weight_decay=1e-5, batch_size=128)
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    dist_info = init_distributed(use_cuda=torch.cuda.is_available() and not args.no_cuda)
+    if args.download:
+        download(args.data)
+    data = load_mnist(args.data, dist_info.device)
+    train_images, train_labels = data["train"]
+    test_images, test_labels = data["test"]
+    LOG.info("MNIST: %d training and %d test images from %s", len(train_labels), len(test_labels), args.data)
+
+    model = build_model(args.arch).to(dist_info.device)
+
+    def train_batches(epoch: int):
+        # The shuffle depends only on (seed, epoch): a resumed run sees the same batches.
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        return iterate_tensors(train_images, train_labels, args.batch_size, generator=generator)
+
+    def test_batches():
+        return iterate_tensors(test_images, test_labels, args.test_batch_size)
+
+    return run_recipe(
+        args,
+        model=model,
+        train_batches=train_batches,
+        num_train_batches=-(-len(train_labels) // args.batch_size),
+        test_batches=test_batches,
+        milestones=list(range(args.lr_epochs, args.epochs + 1, args.lr_epochs)),
+        dist_info=dist_info,
+        recipe_dir=RECIPE_DIR,
+    )
+
+
+if __name__ == "__main__":
+    setup_logging()
+    run_cli(main, get_args_parser().parse_args(sys.argv[1:]))

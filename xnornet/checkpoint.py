@@ -1,0 +1,203 @@
+"""Checkpoints: atomic writes, safe loading, 2017-format compatibility, RNG state.
+
+A training checkpoint is a dict::
+
+    {"format": "xnornet-checkpoint", "version": 1, "arch": str,
+     "state_dict": ..., "optimizer": ..., "epoch": int (last finished, 1-based),
+     "best_acc": float, "last_acc": float, "args": dict, "rng": dict}
+
+A shipped checkpoint keeps only ``arch``, ``state_dict``, ``epoch``, ``acc``.
+2017 files (``{"acc" or "best_acc" or "best_prec1", "state_dict"}``, keys
+possibly prefixed by ``module.``) are accepted by :func:`model_state_from`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .cli import UserError
+
+FORMAT_NAME = "xnornet-checkpoint"
+FORMAT_VERSION = 1
+LAST_NAME = "last.pth"
+BEST_NAME = "best.pth"
+
+PathLike = Union[str, os.PathLike]
+
+
+def save_atomic(obj: Any, path: PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
+
+    A crash mid-write leaves the previous file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+
+
+def load_file(path: PathLike, what: str = "checkpoint") -> Dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; bad files raise :class:`UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{what} {str(path)!r} is not a readable PyTorch checkpoint ({first_line[:200]})") from None
+    if not isinstance(obj, Mapping):
+        raise UserError(f"{what} {str(path)!r} holds a {type(obj).__name__}, expected a dict with a state_dict")
+    return dict(obj)
+
+
+def model_state_from(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """The model state_dict in any supported checkpoint format, ``module.`` prefixes removed."""
+    if "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
+        state = checkpoint["state_dict"]
+    elif checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        state = checkpoint  # a bare state_dict
+    else:
+        raise UserError("checkpoint has no 'state_dict' entry (keys: " + ", ".join(sorted(map(str, checkpoint))[:8]) + ")")
+    return {(key[len("module."):] if key.startswith("module.") else key): value for key, value in state.items()}
+
+
+def checkpoint_accuracy(checkpoint: Mapping[str, Any]) -> Optional[float]:
+    """The accuracy a checkpoint claims (ours or the 2017 keys), if any."""
+    for key in ("acc", "best_acc", "best_prec1"):
+        if key in checkpoint:
+            value = checkpoint[key]
+            return float(value.item() if isinstance(value, torch.Tensor) else value)
+    return None
+
+
+def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """``load_state_dict(strict=True)`` whose failure names the mismatched keys in one line."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    reshaped = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or reshaped:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", reshaped)):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+                parts.append(f"{label}: {shown}")
+        raise UserError(
+            f"{source} does not fit architecture {type(model).__name__} ({'; '.join(parts)}); check --arch"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    """The RNG states of torch (CPU and CUDA), numpy and python, storable with weights_only."""
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, _ = random.getstate()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        # Plain tensors and numbers only, so that weights_only loading can read them.
+        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {"version": int(py_version), "internal": torch.tensor(py_internal, dtype=torch.int64)},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        ("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"], np_state["gauss"])
+    )
+    py_state = state["python"]
+    random.setstate((py_state["version"], tuple(int(v) for v in py_state["internal"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_checkpoint(
+    *,
+    arch: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    best_acc: float,
+    last_acc: float,
+    args: Mapping[str, Any],
+) -> Dict[str, Any]:
+    """The full checkpoint written as ``last`` and ``best`` (see module docstring)."""
+    plain_args = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in args.items()}
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "arch": arch,
+        "state_dict": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "best_acc": best_acc,
+        "last_acc": last_acc,
+        "args": plain_args,
+        "rng": capture_rng_state(),
+    }
+
+
+def shipped_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
+    """The small file we ship: weights, arch, epoch and accuracy; no optimizer, no RNG."""
+    acc = checkpoint.get("last_acc", checkpoint_accuracy(checkpoint))
+    return {
+        "arch": checkpoint.get("arch"),
+        "state_dict": model_state_from(checkpoint),
+        "epoch": checkpoint.get("epoch"),
+        "acc": acc,
+    }
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel/DataParallel, or the model itself."""
+    return getattr(model, "module", model)
+
+
+def _strip_main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m xnornet.checkpoint",
+        description="Write the small, shippable form of a training checkpoint (weights, arch, epoch, accuracy).",
+    )
+    parser.add_argument("checkpoint", help="a best.pth or last.pth written by a recipe")
+    parser.add_argument("output", help="where to write the stripped checkpoint")
+    args = parser.parse_args()
+    from .cli import run_cli
+
+    def strip(ns: argparse.Namespace) -> None:
+        small = shipped_checkpoint(load_file(ns.checkpoint))
+        save_atomic(small, ns.output)
+        print(f"wrote {ns.output} (arch {small['arch']}, epoch {small['epoch']}, acc {small['acc']})")
+
+    run_cli(strip, args)
+
+
+if __name__ == "__main__":
+    _strip_main()

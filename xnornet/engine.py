@@ -1,0 +1,324 @@
+"""The training engine shared by the three recipes.
+
+``train_one_epoch`` and ``evaluate`` return dicts of metrics; ``fit`` runs the
+epochs, writes ``last``/``best`` checkpoints atomically (rank 0 only) and one
+JSON line per epoch to ``log.jsonl`` in the output directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .binop import BinOp
+from .checkpoint import (
+    BEST_NAME,
+    LAST_NAME,
+    checkpoint_accuracy,
+    load_file,
+    load_model_state,
+    model_state_from,
+    restore_rng_state,
+    save_atomic,
+    training_checkpoint,
+    unwrap,
+)
+from .cli import UserError
+from .distributed import DistInfo, all_reduce_sum
+from .metrics import MetricsLog, run_header
+
+LOG = logging.getLogger("xnornet")
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or infinite."""
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
+    """Mixed precision on CUDA when ``dtype`` is given; a no-op on CPU."""
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def lr_at_epoch(base_lr: float, epoch: int, milestones: Sequence[int], gamma: float = 0.1) -> float:
+    """Step schedule: ``base_lr * gamma**k`` where k counts milestones <= ``epoch`` (1-based)."""
+    return base_lr * gamma ** sum(1 for milestone in milestones if milestone <= epoch)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def progress(batches: Iterable[Batch], total: int, desc: str) -> Iterable[Batch]:
+    """A tqdm bar when stderr is a terminal, the plain iterable otherwise."""
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+        except ImportError:  # tqdm is optional: plain log lines then
+            return batches
+        return tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return batches
+
+
+def topk_correct(output: torch.Tensor, target: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """How many rows of ``output`` have ``target`` among their top-k, for each k (a tensor)."""
+    maxk = min(max(ks), output.size(1))
+    predicted = output.topk(maxk, dim=1).indices
+    hits = predicted.eq(target.unsqueeze(1))
+    return torch.stack([hits[:, : min(k, maxk)].any(dim=1).sum() for k in ks])
+
+
+def train_one_epoch(
+    model: nn.Module,
+    bin_op: BinOp,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    *,
+    epoch: int,
+    device: torch.device,
+    num_batches: int,
+    log_interval: int = 100,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> Dict[str, float]:
+    """One epoch of the XNOR-Net step: binarize, forward, backward, restore, fix grads, step.
+
+    Raises :class:`NonFiniteLoss` (checked every ``log_interval`` steps and at the end).
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    start = time.perf_counter()
+    bar = progress(batches, num_batches, f"epoch {epoch}")
+    for step, (images, targets) in enumerate(bar):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with bin_op.binarized():
+            with autocast(device, amp_dtype):
+                output = model(images)
+                loss = criterion(output, targets)
+            loss.backward()
+        bin_op.updateBinaryGradWeight()
+        optimizer.step()
+
+        loss_sum += loss.detach().double() * targets.size(0)
+        correct += (output.detach().argmax(dim=1) == targets).sum()
+        seen += targets.size(0)
+        if (step + 1) % log_interval == 0 or step + 1 == num_batches:
+            mean_loss = (loss_sum / seen).item()
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLoss(
+                    f"training loss became {mean_loss} in epoch {epoch} by step {step + 1}; "
+                    "stopped without saving (earlier checkpoints are kept): lower --lr or check the data"
+                )
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+            else:
+                LOG.info("train epoch %d [%d/%d] loss %.6f", epoch, step + 1, num_batches, mean_loss)
+    if seen == 0:
+        raise UserError("the training set produced no batch: is it empty, or smaller than the batch size?")
+    mean_loss = (loss_sum / seen).item()
+    if not math.isfinite(mean_loss):
+        raise NonFiniteLoss(f"training loss became {mean_loss} in epoch {epoch}; stopped without saving")
+    return {
+        "train_loss": mean_loss,
+        "train_acc": 100.0 * correct.item() / seen,
+        "train_seconds": time.perf_counter() - start,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    bin_op: BinOp,
+    batches: Iterable[Batch],
+    criterion: nn.Module,
+    *,
+    device: torch.device,
+    topk: Sequence[int] = (1,),
+    amp_dtype: Optional[torch.dtype] = None,
+) -> Dict[str, float]:
+    """Test loss and top-k accuracy (percent) of the binarized model, summed over all ranks.
+
+    Keys: ``test_loss``, ``test_acc`` (top-1), ``test_acc5`` when 5 is in ``topk``,
+    ``test_correct``, ``test_count``.
+    """
+    model.eval()
+    totals = torch.zeros(2 + len(topk), device=device, dtype=torch.float64)  # loss sum, count, hits...
+    with bin_op.binarized():
+        for images, targets in batches:
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with autocast(device, amp_dtype):
+                output = model(images)
+            output = output.float()
+            totals[0] += criterion(output, targets).double() * targets.size(0)
+            totals[1] += targets.size(0)
+            totals[2:] += topk_correct(output, targets, topk).double()
+    totals = all_reduce_sum(totals)
+    count = int(totals[1].item())
+    if count == 0:
+        raise UserError("the test set is empty")
+    result = {
+        "test_loss": totals[0].item() / count,
+        "test_count": count,
+        "test_correct": int(totals[2].item()),
+    }
+    for index, k in enumerate(topk):
+        result["test_acc" if k == 1 else f"test_acc{k}"] = 100.0 * totals[2 + index].item() / count
+    return result
+
+
+@dataclass
+class RunState:
+    """Where a run stands: the next epoch to train (1-based) and the accuracies so far."""
+
+    start_epoch: int = 1
+    best_acc: float = 0.0
+    last_acc: float = 0.0
+    rng: Optional[Mapping[str, Any]] = None
+
+
+def resume_run(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, arch: str) -> RunState:
+    """Load a ``last``/``best`` training checkpoint into ``model`` and ``optimizer``."""
+    checkpoint = load_file(path, "--resume checkpoint")
+    if "optimizer" not in checkpoint or "epoch" not in checkpoint:
+        raise UserError(
+            f"--resume checkpoint {path!r} has no optimizer state or epoch (a shipped or 2017 file?): "
+            "use --pretrained to start from its weights"
+        )
+    if checkpoint.get("arch") not in (None, arch):
+        raise UserError(f"--resume checkpoint {path!r} is for --arch {checkpoint['arch']}, not {arch}")
+    load_model_state(unwrap(model), model_state_from(checkpoint), f"--resume checkpoint {path!r}")
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise UserError(f"--resume checkpoint {path!r}: optimizer state does not fit ({err})") from None
+    return RunState(
+        start_epoch=int(checkpoint["epoch"]) + 1,
+        best_acc=float(checkpoint.get("best_acc", 0.0)),
+        last_acc=float(checkpoint.get("last_acc", 0.0)),
+        rng=checkpoint.get("rng"),
+    )
+
+
+def load_pretrained(path: str, model: nn.Module) -> Optional[float]:
+    """Load weights from any supported checkpoint format; returns the accuracy it claims."""
+    checkpoint = load_file(path, "--pretrained checkpoint")
+    load_model_state(unwrap(model), model_state_from(checkpoint), f"--pretrained checkpoint {path!r}")
+    return checkpoint_accuracy(checkpoint)
+
+
+def check_output_dir(output_dir: Path, resuming: bool) -> None:
+    """Refuse to start a fresh run over the checkpoints of an earlier one."""
+    if resuming:
+        return
+    existing = [name for name in (LAST_NAME, BEST_NAME) if (output_dir / name).exists()]
+    if existing:
+        raise UserError(
+            f"{output_dir} already holds {', '.join(existing)} from an earlier run; "
+            "pass --resume to continue it, or choose another --output-dir"
+        )
+
+
+def fit(
+    *,
+    model: nn.Module,
+    bin_op: BinOp,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    train_batches: Callable[[int], Iterable[Batch]],
+    num_train_batches: int,
+    test_batches: Callable[[], Iterable[Batch]],
+    epochs: int,
+    lr_for_epoch: Callable[[int], float],
+    state: RunState,
+    output_dir: Path,
+    arch: str,
+    args: Mapping[str, Any],
+    dist_info: DistInfo,
+    log_interval: int = 100,
+    topk: Sequence[int] = (1,),
+    amp_dtype: Optional[torch.dtype] = None,
+) -> RunState:
+    """Train epochs ``state.start_epoch .. epochs``; checkpoint and log after each one.
+
+    ``train_batches(epoch)`` must be deterministic given the epoch (a shuffle
+    seeded by seed and epoch), so that a resumed run repeats an uninterrupted one.
+    """
+    metrics = MetricsLog(output_dir / "log.jsonl") if dist_info.is_main else None
+    if metrics is not None:
+        metrics.write(run_header(args, arch=arch, device=dist_info.device, world_size=dist_info.world_size))
+    if state.rng is not None:
+        restore_rng_state(state.rng)
+    for epoch in range(state.start_epoch, epochs + 1):
+        lr = lr_for_epoch(epoch)
+        set_lr(optimizer, lr)
+        start = time.perf_counter()
+        train_stats = train_one_epoch(
+            model, bin_op, train_batches(epoch), optimizer, criterion,
+            epoch=epoch, device=dist_info.device, num_batches=num_train_batches,
+            log_interval=log_interval, amp_dtype=amp_dtype,
+        )
+        test_stats = evaluate(model, bin_op, test_batches(), criterion,
+                              device=dist_info.device, topk=topk, amp_dtype=amp_dtype)
+        seconds = time.perf_counter() - start
+        state.last_acc = test_stats["test_acc"]
+        improved = state.last_acc > state.best_acc
+        state.best_acc = max(state.best_acc, state.last_acc)
+        state.start_epoch = epoch + 1
+        record = {"epoch": epoch, "lr": lr, **train_stats, **test_stats,
+                  "best_acc": state.best_acc, "seconds": seconds}
+        LOG.info(
+            "epoch %d/%d lr %.2g train loss %.4f test loss %.4f test acc %.2f%% (best %.2f%%) %.1fs",
+            epoch, epochs, lr, train_stats["train_loss"], test_stats["test_loss"],
+            state.last_acc, state.best_acc, seconds,
+        )
+        if dist_info.is_main:
+            checkpoint = training_checkpoint(
+                arch=arch, model=model, optimizer=optimizer, epoch=epoch,
+                best_acc=state.best_acc, last_acc=state.last_acc, args=args,
+            )
+            save_atomic(checkpoint, output_dir / LAST_NAME)
+            if improved:
+                save_atomic(checkpoint, output_dir / BEST_NAME)
+            assert metrics is not None
+            metrics.write(record)
+    return state
+
+
+def iterate_tensors(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    *,
+    generator: Optional[torch.Generator] = None,
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    drop_last: bool = False,
+) -> Iterator[Batch]:
+    """Batches of a dataset held as tensors, by indexing (shuffled if ``generator`` is given)."""
+    count = images.size(0)
+    order = torch.randperm(count, generator=generator) if generator is not None else None
+    stop = count - count % batch_size if drop_last else count
+    for begin in range(0, stop, batch_size):
+        if order is None:
+            batch_images, batch_labels = images[begin:begin + batch_size], labels[begin:begin + batch_size]
+        else:
+            index = order[begin:begin + batch_size].to(images.device)
+            batch_images, batch_labels = images[index], labels[index]
+        yield (transform(batch_images) if transform is not None else batch_images), batch_labels

@@ -1,0 +1,144 @@
+"""What the three recipes' main.py share: common flags and the train/evaluate/resume driver.
+
+A recipe parses its flags (``add_common_args`` plus its own), loads its data,
+builds its model and calls :func:`run_recipe`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .binop import LEGACY_GRAD_SCALE, BinOp
+from .cli import UserError, positive_int
+from .distributed import DistInfo
+from .engine import Batch, RunState, check_output_dir, evaluate, fit, load_pretrained, lr_at_epoch, resume_run
+
+LOG = logging.getLogger("xnornet")
+
+
+def grad_scale_arg(text: str) -> Any:
+    """argparse type for --grad-scale: '2017' or a positive number."""
+    if text == LEGACY_GRAD_SCALE:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected '2017' or a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def add_common_args(
+    parser: argparse.ArgumentParser, *, epochs: int, lr: float, weight_decay: float, batch_size: int
+) -> None:
+    """Flags every recipe has, with the recipe's 2017 defaults."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=positive_int, default=epochs, metavar="N",
+                       help=f"number of epochs to train (default: {epochs})")
+    group.add_argument("--batch-size", "-b", type=positive_int, default=batch_size, metavar="N",
+                       help=f"training batch size (default: {batch_size})")
+    group.add_argument("--lr", "--learning-rate", type=float, default=lr, metavar="LR",
+                       help=f"initial Adam learning rate (default: {lr})")
+    group.add_argument("--weight-decay", "--wd", type=float, default=weight_decay, metavar="W",
+                       help=f"Adam weight decay (default: {weight_decay})")
+    group.add_argument("--grad-scale", type=grad_scale_arg, default=LEGACY_GRAD_SCALE, metavar="S",
+                       help="factor on the corrected weight gradient: '2017' = n*(1-1/C_in) per layer "
+                            "(default), 1 = the pure formula (notes, eq. 9)")
+    group.add_argument("--seed", type=int, default=1, metavar="S", help="random seed (default: 1)")
+    group.add_argument("--log-interval", "--print-freq", "-p", type=positive_int, default=100, metavar="N",
+                       help="batches between progress lines (default: 100)")
+    group = parser.add_argument_group("checkpoints")
+    group.add_argument("--output-dir", type=Path, default=None, metavar="DIR",
+                       help="where last.pth, best.pth and log.jsonl go (default: runs/<arch>-<time> "
+                            "beside main.py; with --resume, the checkpoint's folder)")
+    group.add_argument("--resume", default=None, metavar="PATH",
+                       help="continue training from a last.pth/best.pth at its next epoch")
+    group.add_argument("--pretrained", default=None, metavar="PATH",
+                       help="start from (or, with --evaluate, test) the weights of a checkpoint; "
+                            "2017-format files are accepted")
+    group.add_argument("--evaluate", "-e", action="store_true",
+                       help="only evaluate the --pretrained (or --resume) model on the test set")
+
+
+def resolve_output_dir(args: argparse.Namespace, recipe_dir: Path) -> Path:
+    if args.output_dir is not None:
+        return Path(args.output_dir)
+    if args.resume:
+        return Path(args.resume).resolve().parent
+    return recipe_dir / "runs" / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_recipe(
+    args: argparse.Namespace,
+    *,
+    model: nn.Module,
+    train_batches: Callable[[int], Iterable[Batch]],
+    num_train_batches: int,
+    test_batches: Callable[[], Iterable[Batch]],
+    milestones: Sequence[int],
+    dist_info: DistInfo,
+    recipe_dir: Path,
+    topk: Sequence[int] = (1,),
+    amp_dtype: Optional[torch.dtype] = None,
+    train_model: Optional[nn.Module] = None,
+) -> Dict[str, Any]:
+    """Evaluate (``--evaluate``) or train with checkpoints, resume and JSON logs.
+
+    ``model`` is the bare network; ``train_model`` an optional wrapper of it
+    (DistributedDataParallel) used for the training forward pass.
+    Returns the final metrics (evaluation results, or the last epoch's state).
+    """
+    if args.resume and args.pretrained:
+        raise UserError("--resume and --pretrained exclude each other: --resume already restores the weights")
+    if args.evaluate and not (args.pretrained or args.resume):
+        raise UserError("--evaluate needs the model to test: pass --pretrained PATH (or --resume PATH)")
+    train_model = train_model if train_model is not None else model
+    bin_op = BinOp(train_model, grad_scale=args.grad_scale)
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+    state = RunState()
+    if args.resume:
+        state = resume_run(args.resume, model, optimizer, args.arch)
+        LOG.info("resumed %s at epoch %d (best %.2f%%)", args.resume, state.start_epoch, state.best_acc)
+    elif args.pretrained:
+        claimed = load_pretrained(args.pretrained, model)
+        LOG.info("loaded %s%s", args.pretrained, "" if claimed is None else f" (it claims {claimed:.2f}%)")
+
+    if args.evaluate:
+        result = evaluate(model, BinOp(model), test_batches(), criterion,
+                          device=dist_info.device, topk=topk, amp_dtype=amp_dtype)
+        if dist_info.is_main:
+            accs = ", ".join(f"{k} {v:.2f}%" for k, v in result.items() if k.startswith("test_acc"))
+            print(f"Test set: {result['test_correct']}/{result['test_count']} correct, {accs}, "
+                  f"loss {result['test_loss']:.4f}")
+            print(json.dumps(result))
+        return result
+
+    if state.start_epoch > args.epochs:
+        raise UserError(f"the checkpoint already finished epoch {state.start_epoch - 1} of --epochs {args.epochs}; "
+                        "raise --epochs to train further")
+    output_dir = resolve_output_dir(args, recipe_dir)
+    check_output_dir(output_dir, resuming=bool(args.resume))
+    if dist_info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        LOG.info("writing checkpoints and log.jsonl to %s", output_dir)
+    state = fit(
+        model=train_model, bin_op=bin_op, optimizer=optimizer, criterion=criterion,
+        train_batches=train_batches, num_train_batches=num_train_batches, test_batches=test_batches,
+        epochs=args.epochs, lr_for_epoch=lambda epoch: lr_at_epoch(args.lr, epoch, milestones),
+        state=state, output_dir=output_dir, arch=args.arch, args=vars(args), dist_info=dist_info,
+        log_interval=args.log_interval, topk=topk, amp_dtype=amp_dtype,
+    )
+    LOG.info("done: last %.2f%%, best %.2f%% (checkpoints in %s)", state.last_acc, state.best_acc, output_dir)
+    return {"best_acc": state.best_acc, "last_acc": state.last_acc, "output_dir": str(output_dir)}
+
