@@ -1,0 +1,42 @@
+"""Shared test helpers: run a recipe's main.py in a subprocess, on one thread."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(script: str, args: Sequence[str], cwd: Path = REPO_ROOT, timeout: float = 300,
+               env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """``python <script> <args>`` from ``cwd``; returns the completed process (text output)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    if env_extra:
+        env.update(env_extra)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / script), *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A bad-input failure: non-zero exit, no traceback, one line on stderr naming ``fragments``."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+@pytest.fixture
+def run_main():
+    return run_script
