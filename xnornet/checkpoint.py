@@ -14,10 +14,8 @@ possibly prefixed by ``module.``) are accepted by :func:`model_state_from`.
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -62,7 +60,7 @@ def load_file(path: PathLike, what: str = "checkpoint") -> Dict[str, Any]:
         raise UserError(f"{what} {str(path)!r} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+    except Exception as err:  # noqa: BLE001  corrupt bytes also raise IndexError, KeyError, struct.error...
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{what} {str(path)!r} is not a readable PyTorch checkpoint ({first_line[:200]})") from None
     if not isinstance(obj, Mapping):
@@ -111,13 +109,14 @@ def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], source
 def capture_rng_state() -> Dict[str, Any]:
     """The RNG states of torch (CPU and CUDA), numpy and python, storable with weights_only."""
     _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_internal, _ = random.getstate()
+    py_version, py_internal, py_gauss_next = random.getstate()
     state: Dict[str, Any] = {
         "torch": torch.get_rng_state(),
         # Plain tensors and numbers only, so that weights_only loading can read them.
         "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
                   "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
-        "python": {"version": int(py_version), "internal": torch.tensor(py_internal, dtype=torch.int64)},
+        "python": {"version": int(py_version), "internal": torch.tensor(py_internal, dtype=torch.int64),
+                   "gauss_next": py_gauss_next},  # None or the float random.gauss() returns next
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -132,7 +131,9 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         ("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"], np_state["gauss"])
     )
     py_state = state["python"]
-    random.setstate((py_state["version"], tuple(int(v) for v in py_state["internal"].tolist()), None))
+    random.setstate(
+        (py_state["version"], tuple(int(v) for v in py_state["internal"].tolist()), py_state.get("gauss_next"))
+    )
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 

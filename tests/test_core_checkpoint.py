@@ -1,0 +1,147 @@
+"""Checkpoint helpers: atomic save, safe loading with one-line errors, 2017 formats,
+state-dict mismatch messages, and the RNG state round trip."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from xnornet.checkpoint import (
+    capture_rng_state,
+    load_file,
+    load_model_state,
+    model_state_from,
+    restore_rng_state,
+    save_atomic,
+)
+from xnornet.cli import UserError
+
+
+def test_save_atomic_then_load_file_round_trip_leaves_no_temp_files(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "ckpt.pth"
+    obj = {"state_dict": {"w": torch.randn(3, 4), "n": torch.tensor(7)}, "epoch": 3, "acc": 91.5, "name": "x"}
+    save_atomic(obj, path)
+    save_atomic(obj, path)  # overwriting goes through the same temp + rename
+    loaded = load_file(path)
+    assert loaded["epoch"] == 3 and loaded["acc"] == 91.5 and loaded["name"] == "x"
+    for key, value in obj["state_dict"].items():
+        assert torch.equal(loaded["state_dict"][key], value)
+    assert os.listdir(path.parent) == ["ckpt.pth"]
+
+
+def test_save_atomic_failure_keeps_previous_file_and_no_temp(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pth"
+    save_atomic({"epoch": 1}, path)
+    with pytest.raises(Exception):
+        save_atomic({"epoch": 2, "bad": lambda: None}, path)  # a lambda cannot be pickled
+    assert os.listdir(tmp_path) == ["ckpt.pth"]
+    assert load_file(path) == {"epoch": 1}
+
+
+def test_load_file_missing_path_is_user_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "nope.pth"
+    with pytest.raises(UserError) as info:
+        load_file(path)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_load_file_random_bytes_is_user_error_naming_path(tmp_path: Path, seed: int) -> None:
+    """Garbage of several lengths (some make the unpickler raise IndexError/KeyError/struct.error)."""
+    rng = random.Random(seed)
+    path = tmp_path / f"garbage{seed}.pth"
+    path.write_bytes(bytes(rng.getrandbits(8) for _ in range(rng.choice([1, 3, 7, 20, 100, 4096]))))
+    with pytest.raises(UserError) as info:
+        load_file(path)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_load_file_truncated_and_non_dict_and_unsafe_files_are_user_errors(tmp_path: Path) -> None:
+    good = tmp_path / "good.pth"
+    save_atomic({"state_dict": {"w": torch.randn(64, 64)}}, good)
+    data = good.read_bytes()
+    for length in (0, 1, 100, len(data) // 2, len(data) - 1):
+        truncated = tmp_path / f"truncated{length}.pth"
+        truncated.write_bytes(data[:length])
+        with pytest.raises(UserError, match=str(truncated)):
+            load_file(truncated)
+    tensor_only = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(2), tensor_only)
+    with pytest.raises(UserError, match=str(tensor_only)):
+        load_file(tensor_only)
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"module": nn.Linear(2, 2)}, unsafe)  # a pickled class: refused by weights_only
+    with pytest.raises(UserError, match=str(unsafe)):
+        load_file(unsafe)
+
+
+def test_model_state_from_accepts_2017_dict_and_strips_module_prefix() -> None:
+    weight, bias = torch.randn(2, 3), torch.randn(2)
+    legacy = {"acc": torch.tensor(99.1), "state_dict": {"module.fc.weight": weight, "module.fc.bias": bias}}
+    state = model_state_from(legacy)
+    assert set(state) == {"fc.weight", "fc.bias"}
+    assert state["fc.weight"] is weight and state["fc.bias"] is bias
+    assert set(model_state_from({"fc.weight": weight})) == {"fc.weight"}  # a bare state_dict
+    ours = {"format": "xnornet-checkpoint", "epoch": 2, "state_dict": {"fc.weight": weight}}
+    assert set(model_state_from(ours)) == {"fc.weight"}
+    with pytest.raises(UserError):
+        model_state_from({"epoch": 3, "acc": 1.0})
+
+
+def test_load_model_state_mismatch_names_missing_unexpected_and_reshaped_keys() -> None:
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 4))
+    state = {"0.weight": torch.randn(2, 3), "0.extra": torch.randn(1), "1.weight": torch.randn(4, 5),
+             "1.bias": torch.randn(4)}
+    with pytest.raises(UserError) as info:
+        load_model_state(model, state, source="test file")
+    message = str(info.value)
+    assert "missing: 0.bias" in message
+    assert "unexpected: 0.extra" in message
+    assert "wrong shape: 1.weight" in message
+    assert "test file" in message and "\n" not in message
+    good = {k: torch.randn(v.shape) for k, v in model.state_dict().items()}
+    load_model_state(model, good)
+    assert torch.equal(model[1].weight, good["1.weight"])
+
+
+def _draw() -> tuple:
+    return torch.rand(5), np.random.rand(5), random.random(), random.gauss(0.0, 1.0), np.random.randn(3)
+
+
+def _assert_same_draws(first: tuple, second: tuple) -> None:
+    assert torch.equal(first[0], second[0])
+    assert np.array_equal(first[1], second[1])
+    assert first[2] == second[2]
+    assert first[3] == second[3]
+    assert np.array_equal(first[4], second[4])
+
+
+def test_rng_state_round_trip_repeats_torch_numpy_python(tmp_path: Path) -> None:
+    """capture -> draw -> restore -> draw repeats torch.rand, np.random.rand, random.random,
+    also after the state went through save_atomic/load_file (weights_only) and with a
+    pending random.gauss / np.random.randn second value."""
+    torch.manual_seed(11)
+    np.random.seed(11)
+    random.seed(11)
+    random.gauss(0.0, 1.0)  # leaves the second Gaussian of a pair pending in python's state
+    np.random.randn(1)  # same for numpy's legacy generator
+    state = capture_rng_state()
+    first = _draw()
+    restore_rng_state(state)
+    _assert_same_draws(first, _draw())
+
+    path = tmp_path / "rng.pth"
+    save_atomic({"rng": state}, path)
+    torch.rand(3)  # move every generator on
+    np.random.rand(3)
+    random.random()
+    restore_rng_state(load_file(path)["rng"])
+    _assert_same_draws(first, _draw())
