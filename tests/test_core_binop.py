@@ -237,17 +237,18 @@ def test_eq9_legacy_factor_values_by_hand() -> None:
     assert legacy_grad_factor(torch.empty(12, 3, 3, 3)) == pytest.approx(18.0, rel=1e-15)
 
 
-@pytest.mark.parametrize("grad_scale", ["2017", 1.0, 1e9])
-def test_eq7_eq9_eq11_update_binary_grad_weight_end_to_end(grad_scale) -> None:
+@pytest.mark.parametrize("grad_scale, grad_multiplier", [("2017", 1.0), (1.0, 1.0), (1e9, 1.0), ("2017", 1e9)])
+def test_eq7_eq9_eq11_update_binary_grad_weight_end_to_end(grad_scale, grad_multiplier) -> None:
     """updateBinaryGradWeight() replaces the grad of each restored weight by eq. (7) times the factor:
-    eq. (9) for "2017" (475 for a (50,20,5,5) weight), 1 (pure formula), 1e9 (eq. 11)."""
+    eq. (9) for "2017" (475 for a (50,20,5,5) weight), 1 (pure formula), a constant 1e9, and the
+    2017 ImageNet code's 1e9 on top of eq. (9) (eq. 11)."""
     torch.manual_seed(3)
     net = nn.Sequential(
         BinConv2d(20, 50, kernel_size=5, stride=1, padding=0),
         BinConv2d(50 * 4, 10, Linear=True, previous_conv=True, size=4),
     ).double()
     weights = [net[0].conv.weight, net[1].linear.weight]
-    bin_op = BinOp(net, grad_scale=grad_scale)
+    bin_op = BinOp(net, grad_scale=grad_scale, grad_multiplier=grad_multiplier)
     generator = torch.Generator().manual_seed(4)
     known = [torch.randn(w.shape, generator=generator, dtype=torch.float64) for w in weights]
     bin_op.binarization()
@@ -258,7 +259,7 @@ def test_eq7_eq9_eq11_update_binary_grad_weight_end_to_end(grad_scale) -> None:
     bin_op.restore()
     reals = [w.detach().clone() for w in weights]
     bin_op.updateBinaryGradWeight()
-    factors = {"2017": [475.0, 199.0], 1.0: [1.0, 1.0], 1e9: [1e9, 1e9]}[grad_scale]
+    factors = [f * grad_multiplier for f in {"2017": [475.0, 199.0], 1.0: [1.0, 1.0], 1e9: [1e9, 1e9]}[grad_scale]]
     for weight, real, grad, factor in zip(weights, reals, known, factors):
         assert torch.equal(weight, real)  # the update touches only the gradient
         expected = reference_grad(real, grad) * factor

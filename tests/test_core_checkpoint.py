@@ -90,6 +90,9 @@ def test_model_state_from_accepts_2017_dict_and_strips_module_prefix() -> None:
     assert set(state) == {"fc.weight", "fc.bias"}
     assert state["fc.weight"] is weight and state["fc.bias"] is bias
     assert set(model_state_from({"fc.weight": weight})) == {"fc.weight"}  # a bare state_dict
+    # the 2017 ImageNet code wrapped only `features` in DataParallel
+    inner = {"state_dict": {"features.module.0.weight": weight, "classifier.4.weight": bias}}
+    assert set(model_state_from(inner)) == {"features.0.weight", "classifier.4.weight"}
     ours = {"format": "xnornet-checkpoint", "epoch": 2, "state_dict": {"fc.weight": weight}}
     assert set(model_state_from(ours)) == {"fc.weight"}
     with pytest.raises(UserError):

@@ -77,14 +77,18 @@ class BinOp:
 
     ``grad_scale`` multiplies the corrected gradient of eq. (7): ``"2017"``
     (default) uses the 2017 code's per-layer factor ``n * (1 - 1/C_in)``, eq. (9);
-    a number uses that constant (``1.0`` gives the pure formula, ``1e9`` the
-    2017 ImageNet code's multiplier, eq. (11)).
+    a number uses that constant (``1.0`` gives the pure formula).
+    ``grad_multiplier`` is a further constant on top: the 2017 ImageNet code
+    used ``1e9`` there, eq. (11); the default 1 leaves the gradient alone.
     """
 
-    def __init__(self, model: nn.Module, grad_scale: Union[str, float] = LEGACY_GRAD_SCALE) -> None:
+    def __init__(
+        self, model: nn.Module, grad_scale: Union[str, float] = LEGACY_GRAD_SCALE, grad_multiplier: float = 1.0
+    ) -> None:
         if isinstance(grad_scale, str) and grad_scale != LEGACY_GRAD_SCALE:
             raise ValueError(f"grad_scale must be {LEGACY_GRAD_SCALE!r} or a number, got {grad_scale!r}")
         self.grad_scale = grad_scale
+        self.grad_multiplier = float(grad_multiplier)
         self.target_modules: List[nn.Parameter] = [
             module.weight_layer.weight for module in model.modules() if isinstance(module, BinConv2d)
         ]
@@ -118,7 +122,7 @@ class BinOp:
 
     @torch.no_grad()
     def updateBinaryGradWeight(self) -> None:  # noqa: N802  (2017 spelling)
-        """Replace each weight's gradient by eq. (7) times the ``grad_scale`` factor.
+        """Replace each weight's gradient by eq. (7) times ``grad_scale`` and ``grad_multiplier``.
 
         Call after :meth:`restore`, before ``optimizer.step()``.
         """
@@ -128,6 +132,7 @@ class BinOp:
             if weight.grad is None:
                 continue
             factor = legacy_grad_factor(weight) if self.grad_scale == LEGACY_GRAD_SCALE else float(self.grad_scale)
+            factor *= self.grad_multiplier
             weight.grad.copy_(scaled_sign_grad(weight, weight.grad) * factor)
 
     @contextlib.contextmanager

@@ -8,7 +8,7 @@ A training checkpoint is a dict::
 
 A shipped checkpoint keeps only ``arch``, ``state_dict``, ``epoch``, ``acc``.
 2017 files (``{"acc" or "best_acc" or "best_prec1", "state_dict"}``, keys
-possibly prefixed by ``module.``) are accepted by :func:`model_state_from`.
+possibly holding a ``module.`` segment) are accepted by :func:`model_state_from`.
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ def model_state_from(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
         state = checkpoint  # a bare state_dict
     else:
         raise UserError("checkpoint has no 'state_dict' entry (keys: " + ", ".join(sorted(map(str, checkpoint))[:8]) + ")")
-    return {(key[len("module."):] if key.startswith("module.") else key): value for key, value in state.items()}
+    # DataParallel/DDP insert a "module." segment: at the front, or inside the key when the
+    # 2017 ImageNet code wrapped only `features` (features.module.0.weight).
+    return {".".join(part for part in key.split(".") if part != "module"): value for key, value in state.items()}
 
 
 def checkpoint_accuracy(checkpoint: Mapping[str, Any]) -> Optional[float]:

@@ -67,6 +67,9 @@ def add_common_args(
                             "2017-format files are accepted")
     group.add_argument("--evaluate", "-e", action="store_true",
                        help="only evaluate the --pretrained (or --resume) model on the test set")
+    group.add_argument("--packed", action="store_true",
+                       help="with --evaluate: run the binarized layers through the bit-packed XNOR-popcount "
+                            "engine on the CPU (xnornet.packed) instead of the float simulation")
 
 
 def resolve_output_dir(args: argparse.Namespace, recipe_dir: Path) -> Path:
@@ -90,19 +93,23 @@ def run_recipe(
     topk: Sequence[int] = (1,),
     amp_dtype: Optional[torch.dtype] = None,
     train_model: Optional[nn.Module] = None,
+    start_epoch: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Evaluate (``--evaluate``) or train with checkpoints, resume and JSON logs.
 
     ``model`` is the bare network; ``train_model`` an optional wrapper of it
     (DistributedDataParallel) used for the training forward pass.
+    ``start_epoch`` (1-based) overrides the epoch to train first, e.g. after ``--resume``.
     Returns the final metrics (evaluation results, or the last epoch's state).
     """
     if args.resume and args.pretrained:
         raise UserError("--resume and --pretrained exclude each other: --resume already restores the weights")
     if args.evaluate and not (args.pretrained or args.resume):
         raise UserError("--evaluate needs the model to test: pass --pretrained PATH (or --resume PATH)")
+    if getattr(args, "packed", False) and not args.evaluate:
+        raise UserError("--packed needs --evaluate: the packed engine is inference-only")
     train_model = train_model if train_model is not None else model
-    bin_op = BinOp(train_model, grad_scale=args.grad_scale)
+    bin_op = BinOp(train_model, grad_scale=args.grad_scale, grad_multiplier=getattr(args, "grad_multiplier", 1.0))
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
@@ -113,8 +120,15 @@ def run_recipe(
     elif args.pretrained:
         claimed = load_pretrained(args.pretrained, model)
         LOG.info("loaded %s%s", args.pretrained, "" if claimed is None else f" (it claims {claimed:.2f}%)")
+    if start_epoch is not None:
+        state.start_epoch = start_epoch
+        LOG.info("starting at epoch %d (--start-epoch)", start_epoch)
 
     if args.evaluate:
+        if getattr(args, "packed", False):
+            from .packed import pack_for_evaluation  # numba is imported only when asked for
+
+            model = pack_for_evaluation(model, dist_info.device)
         result = evaluate(model, BinOp(model), test_batches(), criterion,
                           device=dist_info.device, topk=topk, amp_dtype=amp_dtype)
         if dist_info.is_main:

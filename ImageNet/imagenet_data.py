@@ -1,0 +1,164 @@
+"""ImageNet datasets (torchvision ImageFolder or Caffe LMDB) and their DataLoaders.
+
+ImageFolder layout (default)::
+
+    DATA/train/<class>/*.JPEG   DATA/val/<class>/*.JPEG
+
+2017 transforms: resize to 256x256, random crop 227 + horizontal flip (training)
+or centre crop 227 (validation), ToTensor, then Normalize(mean=(0.485, 0.456,
+0.406), std=1/255): the model sees **RGB** values ``(x - mean) * 255``, roughly
+-124..131. The Caffe layout (``--caffe-data``, see :mod:`caffe_lmdb`) gives
+**BGR** values minus the mean image, in the same range; a network trained on
+one layout expects that layout's channel order.
+
+Under torchrun, training uses a DistributedSampler (padded to equal shares,
+reshuffled by ``set_epoch``); validation uses :class:`ShardSampler`, which
+gives every sample to exactly one rank without padding, so the all-reduced
+counts of ``evaluate`` are exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Tuple
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import datasets, transforms
+
+from caffe_lmdb import MEAN_FILE, TRAIN_LMDB, VAL_LMDB, CaffeLMDB, read_mean
+from xnornet.cli import UserError
+from xnornet.distributed import DistInfo
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+STD_2017 = (1.0 / 255.0,) * 3  # as the 2017 code had it: Normalize divides by 1/255
+ILSVRC_CLASSES = 1000
+
+
+@dataclass
+class ImageNetData:
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    description: str
+
+
+def folder_transform(resize: int, crop: int, train: bool) -> transforms.Compose:
+    """The 2017 torchvision-layout pipeline (see module docstring)."""
+    steps = [transforms.Resize((resize, resize))]
+    steps += [transforms.RandomCrop(crop), transforms.RandomHorizontalFlip()] if train else [transforms.CenterCrop(crop)]
+    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, STD_2017)]
+    return transforms.Compose(steps)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """ImageFolder's loader, with an unreadable file reported as one line."""
+    try:
+        with open(path, "rb") as handle:
+            return Image.open(handle).convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise UserError(f"cannot read image {path}: {err}") from None
+
+
+def image_folder(root: Path, split: str, transform: transforms.Compose) -> datasets.ImageFolder:
+    folder = root / split
+    if not folder.is_dir():
+        raise UserError(f"--data {str(root)!r} has no {split!r} folder: expected DATA/train/<class>/*.JPEG and "
+                        "DATA/val/<class>/*.JPEG (pass --caffe-data for the Caffe LMDB layout)")
+    try:
+        return datasets.ImageFolder(str(folder), transform=transform, loader=load_rgb)
+    except (FileNotFoundError, OSError) as err:
+        raise UserError(f"{folder}: {err}") from None
+
+
+def load_image_folders(root: Path, resize: int, crop: int, num_classes: Optional[int]) -> ImageNetData:
+    if crop > resize:
+        raise UserError(f"--input-size {crop} is larger than --resize {resize}")
+    train = image_folder(root, "train", folder_transform(resize, crop, train=True))
+    val = image_folder(root, "val", folder_transform(resize, crop, train=False))
+    if val.classes != train.classes:
+        extra = sorted(set(val.classes) ^ set(train.classes))[:3]
+        raise UserError(f"{root}/train and {root}/val have different class folders (e.g. {', '.join(extra)})")
+    found = len(train.classes)
+    if num_classes is not None and num_classes != found:
+        raise UserError(f"--num-classes {num_classes}, but {root}/train has {found} class folders")
+    return ImageNetData(train, val, found, f"ImageFolder {root}: {len(train)} training, {len(val)} validation "
+                                           f"images, {found} classes")
+
+
+def load_caffe_lmdb(root: Path, crop: int, num_classes: Optional[int]) -> ImageNetData:
+    if not root.is_dir():
+        raise UserError(f"--data {str(root)!r} is not a folder")
+    mean = read_mean(root / MEAN_FILE)
+    classes = num_classes if num_classes is not None else ILSVRC_CLASSES
+    train = CaffeLMDB(root / TRAIN_LMDB, mean, crop, train=True, num_classes=classes)
+    val = CaffeLMDB(root / VAL_LMDB, mean, crop, train=False, num_classes=classes)
+    return ImageNetData(train, val, classes, f"Caffe LMDB {root}: {len(train)} training, {len(val)} validation "
+                                             f"records, {classes} classes, mean image {tuple(mean.shape)}")
+
+
+def load_imagenet(root: Path, *, caffe: bool, crop: int, resize: int, num_classes: Optional[int]) -> ImageNetData:
+    """Both splits of either layout; ``num_classes`` None = the class folders' count (ImageFolder) or 1000 (LMDB)."""
+    if not root.exists():
+        raise UserError(f"--data {str(root)!r} does not exist")
+    if caffe:
+        return load_caffe_lmdb(root, crop, num_classes)
+    return load_image_folders(root, resize, crop, num_classes)
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...``: each sample on exactly one rank, no padding."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_loaders(
+    data: ImageNetData, *, batch_size: int, workers: int, seed: int, dist_info: DistInfo
+) -> Tuple[DataLoader, DistributedSampler, DataLoader]:
+    """Training loader (+ its sampler, for ``set_epoch``) and validation loader of one rank.
+
+    ``batch_size`` is per rank. The training order depends only on (seed, epoch).
+    """
+    if len(data.val) < dist_info.world_size:
+        raise UserError(f"the validation set has {len(data.val)} images, fewer than the {dist_info.world_size} "
+                        "processes: every process needs at least one")
+    pin = dist_info.device.type == "cuda"
+    train_sampler = DistributedSampler(data.train, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                       shuffle=True, seed=seed, drop_last=False)
+    train_loader = DataLoader(data.train, batch_size=batch_size, sampler=train_sampler, num_workers=workers,
+                              pin_memory=pin, drop_last=False)
+    val_sampler = ShardSampler(len(data.val), dist_info.rank, dist_info.world_size)
+    val_loader = DataLoader(data.val, batch_size=batch_size, sampler=val_sampler, num_workers=workers,
+                            pin_memory=pin)
+    return train_loader, train_sampler, val_loader
+
+
+def one_line_worker_errors(batches: Iterable) -> Iterator:
+    """Yield from ``batches``; a UserError re-raised from a DataLoader worker (which carries the
+    worker's traceback in its message) becomes the original one-line error again."""
+    try:
+        yield from batches
+    except UserError as err:
+        last_line = str(err).strip().splitlines()[-1] if str(err).strip() else "data loading failed"
+        raise UserError(last_line.split("UserError: ", 1)[-1]) from None
+
+
+def per_rank_batch_size(batch_size: int, world_size: int) -> int:
+    """``-b`` is the total batch over all processes (as with the 2017 DataParallel)."""
+    if batch_size % world_size:
+        raise UserError(f"--batch-size {batch_size} is not divisible by the {world_size} processes")
+    return batch_size // world_size
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of the global RNG for one epoch of one rank (dropout, augmentation, worker seeds)."""
+    return (seed * 1_000_003 + epoch) * 1_009 + rank

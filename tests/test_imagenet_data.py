@@ -1,0 +1,202 @@
+"""ImageNet recipe data: Caffe wire format, LMDB reading, transforms, samplers, bad input. In-process."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from imagenet_fixtures import (  # also puts ImageNet/ on sys.path
+    CROP,
+    SIZE,
+    class_image,
+    datum_bytes,
+    make_caffe_lmdb,
+    make_image_folder,
+    write_lmdb,
+    write_mean,
+)
+
+from caffe_lmdb import CaffeLMDB, decode_datum, read_mean  # noqa: E402  (recipe-local)
+from caffe_proto import BlobProto, Datum  # noqa: E402
+from imagenet_data import (  # noqa: E402
+    IMAGENET_MEAN,
+    ShardSampler,
+    load_imagenet,
+    one_line_worker_errors,
+)
+from xnornet.cli import UserError
+
+
+def test_datum_wire_format_uses_caffe_field_numbers() -> None:
+    datum = Datum(channels=3, height=2, width=1, data=b"abcdef", label=7, encoded=True)
+    datum.float_data.append(1.0)
+    one = struct.pack("<f", 1.0)
+    # tag = field_number << 3 | wire type (0 varint, 2 length-delimited, 5 fixed32)
+    assert datum.SerializeToString() == (b"\x08\x03" b"\x10\x02" b"\x18\x01" b"\x22\x06abcdef" b"\x28\x07"
+                                         b"\x35" + one + b"\x38\x01")
+    assert Datum.FromString(b"\x28\x05").label == 5 and not Datum().encoded
+
+
+def test_blobproto_wire_format_uses_caffe_field_numbers() -> None:
+    blob = BlobProto(num=1, channels=3, height=2, width=4)
+    blob.shape.dim.extend([1, 3])
+    blob.data.extend([1.0, 1.0])
+    blob.double_data.append(2.0)
+    expected = (b"\x08\x01" b"\x10\x03" b"\x18\x02" b"\x20\x04"
+                b"\x2a\x08" + struct.pack("<2f", 1.0, 1.0)      # data = 5, packed floats
+                + b"\x3a\x04\x0a\x02\x01\x03"                  # shape = 7 { dim = 1, packed }
+                + b"\x42\x08" + struct.pack("<d", 2.0))        # double_data = 8, packed
+    assert blob.SerializeToString() == expected
+
+
+def test_datum_decodes_to_bgr_chw_raw_and_encoded() -> None:
+    rgb = class_image(0, 0)  # mean colour R 60, G 200, B 90
+    raw, label = decode_datum(datum_bytes(rgb, 4), "raw")
+    assert label == 4 and raw.shape == (3, SIZE, SIZE) and raw.dtype == np.uint8
+    assert np.array_equal(raw[0], rgb[:, :, 2]) and np.array_equal(raw[2], rgb[:, :, 0])  # B first, R last
+    decoded, _ = decode_datum(datum_bytes(rgb, 4, encoded=True), "jpeg")
+    assert decoded.shape == raw.shape
+    channel_means = decoded.reshape(3, -1).mean(axis=1)
+    assert np.allclose(channel_means, raw.reshape(3, -1).mean(axis=1), atol=3)  # BGR too, JPEG loss only
+    floats = Datum(channels=1, height=1, width=2, float_data=[0.5, -1.0]).SerializeToString()
+    assert decode_datum(floats, "f")[0].tolist() == [[[0.5, -1.0]]]
+
+
+def test_mean_file_round_trip_with_legacy_dims_and_shape(tmp_path: Path) -> None:
+    mean = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+    write_mean(tmp_path / "legacy.binaryproto", mean)
+    assert torch.equal(read_mean(tmp_path / "legacy.binaryproto"), torch.from_numpy(mean))
+    blob = BlobProto()
+    blob.shape.dim.extend([1, 3, 4, 5])
+    blob.double_data.extend(mean.astype(np.float64).ravel().tolist())
+    (tmp_path / "shaped.binaryproto").write_bytes(blob.SerializeToString())
+    assert torch.equal(read_mean(tmp_path / "shaped.binaryproto"), torch.from_numpy(mean))
+
+
+def test_lmdb_records_are_bgr_minus_mean_centre_cropped(tmp_path: Path) -> None:
+    root = make_caffe_lmdb(tmp_path / "caffe")
+    mean = read_mean(root / "imagenet_mean.binaryproto")
+    val = CaffeLMDB(root / "ilsvrc12_val_lmdb", mean, CROP, train=False, num_classes=3)
+    assert len(val) == 6
+    image, label = val[0]  # record 0: label 0, raw bytes
+    rgb = class_image(0, 500)
+    bgr = torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1].transpose(2, 0, 1))).float()
+    top = left = int(round((SIZE - CROP) / 2))
+    expected = (bgr - mean)[:, top:top + CROP, left:left + CROP]
+    assert label == 0 and image.shape == (3, CROP, CROP)
+    assert torch.allclose(image, expected)
+    train = CaffeLMDB(root / "ilsvrc12_train_lmdb", mean, CROP, train=True, num_classes=3)
+    crops = {tuple(train[0][0][0, 0, :3].tolist()) for _ in range(12)}
+    assert len(crops) > 1  # random crop / flip
+
+
+def test_image_folder_values_are_rgb_minus_mean_times_255(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "folder", classes=2, train_per_class=1, val_per_class=1)
+    flat = np.full((SIZE, SIZE, 3), (200, 100, 50), dtype=np.uint8)
+    from PIL import Image
+
+    Image.fromarray(flat).save(root / "val" / "n00000000" / "val_0_0.JPEG", quality=100)
+    data = load_imagenet(root, caffe=False, crop=CROP, resize=SIZE, num_classes=None)
+    assert data.num_classes == 2 and len(data.train) == 2 and len(data.val) == 2
+    image, label = data.val[0]
+    assert label == 0 and image.shape == (3, CROP, CROP)
+    for channel, value in enumerate((200, 100, 50)):  # RGB order, (x / 255 - mean) * 255
+        assert image[channel].mean().item() == pytest.approx(value - 255 * IMAGENET_MEAN[channel], abs=1.5)
+
+
+def test_shard_sampler_splits_exactly_without_padding() -> None:
+    shards = [list(ShardSampler(7, rank, 3)) for rank in range(3)]
+    assert sorted(sum(shards, [])) == list(range(7))
+    assert [len(ShardSampler(7, rank, 3)) for rank in range(3)] == [3, 2, 2]
+
+
+class PidProbe(Dataset):
+    """Which process read each record, and which process had opened the LMDB it was read from."""
+
+    def __init__(self, lmdb_dataset: CaffeLMDB) -> None:
+        self.lmdb_dataset = lmdb_dataset
+
+    def __len__(self) -> int:
+        return len(self.lmdb_dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        self.lmdb_dataset[index]
+        return torch.tensor([os.getpid(), self.lmdb_dataset.opened_in_pid])
+
+
+def test_each_worker_opens_its_own_lmdb_environment(tmp_path: Path) -> None:
+    root = make_caffe_lmdb(tmp_path / "caffe")
+    mean = read_mean(root / "imagenet_mean.binaryproto")
+    dataset = CaffeLMDB(root / "ilsvrc12_train_lmdb", mean, CROP, train=True, num_classes=3)
+    assert dataset.opened_in_pid is None  # the constructor read record 0, then closed its environment
+    loader = DataLoader(PidProbe(dataset), batch_size=1, num_workers=2)
+    pids = torch.cat(list(loader))
+    readers, openers = pids[:, 0], pids[:, 1]
+    assert torch.equal(readers, openers)
+    assert len(set(readers.tolist())) == 2 and os.getpid() not in readers.tolist()
+    # In this process (as with --workers 0) the dataset opens its own environment; forking then is refused.
+    dataset[0]
+    assert dataset.opened_in_pid == os.getpid()
+    with pytest.raises(Exception, match="open in process .* when it forked"):
+        list(DataLoader(dataset, batch_size=1, num_workers=1))
+    dataset.close()
+
+
+def test_worker_user_error_becomes_one_line_again(tmp_path: Path) -> None:
+    root = make_caffe_lmdb(tmp_path / "caffe", bad_last_train=Datum(
+        channels=3, height=SIZE, width=SIZE, data=b"\0" * 100, label=0).SerializeToString())
+    mean = read_mean(root / "imagenet_mean.binaryproto")
+    dataset = CaffeLMDB(root / "ilsvrc12_train_lmdb", mean, CROP, train=True, num_classes=3)
+    loader = DataLoader(dataset, batch_size=4, num_workers=2)
+    with pytest.raises(UserError) as caught:
+        list(one_line_worker_errors(loader))
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith("record '00000011'") and "100 data bytes" in message and "15552" in message
+
+
+# Bad input: one clear line each (UserError; run_cli turns it into one stderr line and exit 1).
+
+def test_missing_split_folder(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "folder", classes=2, train_per_class=1, val_per_class=1)
+    for child in (root / "val").iterdir():
+        for image in child.iterdir():
+            image.unlink()
+        child.rmdir()
+    (root / "val").rmdir()
+    with pytest.raises(UserError, match="has no 'val' folder"):
+        load_imagenet(root, caffe=False, crop=CROP, resize=SIZE, num_classes=None)
+
+
+def test_lmdb_path_that_is_not_an_lmdb(tmp_path: Path) -> None:
+    root = make_caffe_lmdb(tmp_path / "caffe")
+    (root / "ilsvrc12_val_lmdb" / "data.mdb").write_bytes(b"not an lmdb" * 1000)
+    with pytest.raises(UserError, match="is not an LMDB database"):
+        load_imagenet(root, caffe=True, crop=CROP, resize=SIZE, num_classes=3)
+
+
+def test_datum_with_wrong_byte_count_fails_before_training(tmp_path: Path) -> None:
+    root = make_caffe_lmdb(tmp_path / "caffe")
+    bad = Datum(channels=3, height=SIZE, width=SIZE, data=b"\0" * (3 * SIZE * SIZE - 1), label=1)
+    write_lmdb(root / "ilsvrc12_val_lmdb", [bad.SerializeToString()])  # overwrites record 00000000
+    with pytest.raises(UserError, match=r"15551 data bytes, but channels x height x width = 3 x 72 x 72 = 15552"):
+        load_imagenet(root, caffe=True, crop=CROP, resize=SIZE, num_classes=3)
+
+
+def test_missing_mean_file(tmp_path: Path) -> None:
+    root = make_caffe_lmdb(tmp_path / "caffe")
+    (root / "imagenet_mean.binaryproto").unlink()
+    with pytest.raises(UserError, match="mean file .* not found"):
+        load_imagenet(root, caffe=True, crop=CROP, resize=SIZE, num_classes=3)
+
+
+def test_label_outside_num_classes(tmp_path: Path) -> None:
+    root = make_caffe_lmdb(tmp_path / "caffe")
+    with pytest.raises(UserError, match="label 2, outside 0..1"):
+        load_imagenet(root, caffe=True, crop=CROP, resize=SIZE, num_classes=2).train[2]

@@ -1,0 +1,162 @@
+"""ImageNet recipe: the 2017 AlexNet (keys, shapes, init), its schedule and flags. In-process, CPU."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+import torch.nn as nn
+
+from imagenet_fixtures import recipe_main  # also puts ImageNet/ on sys.path
+
+from alexnet import build_model, feature_map_size, smallest_input_size  # noqa: E402  (recipe-local)
+from xnornet import BinConv2d, BinOp, FloatConv2d
+from xnornet.cli import UserError
+from xnornet.engine import lr_at_epoch
+
+FEATURE_KEYS_2017 = [
+    "features.0.weight", "features.0.bias",
+    "features.1.weight", "features.1.bias", "features.1.running_mean", "features.1.running_var",
+    "features.1.num_batches_tracked",
+]
+BIN_BLOCKS_2017 = ["features.4", "features.6", "features.7", "features.8", "classifier.0", "classifier.1"]
+
+
+@pytest.fixture(scope="module")
+def alexnet_2017() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("alexnet")
+
+
+def expected_keys_2017() -> list:
+    keys = list(FEATURE_KEYS_2017)
+    bn_keys = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    for block in BIN_BLOCKS_2017:
+        weight_layer = "linear" if block.startswith("classifier") else "conv"
+        keys += [f"{block}.bn.{key}" for key in bn_keys]
+        keys += [f"{block}.{weight_layer}.weight", f"{block}.{weight_layer}.bias"]
+    keys += [f"classifier.2.{key}" for key in bn_keys]
+    keys += ["classifier.4.weight", "classifier.4.bias"]
+    return keys
+
+
+def test_state_dict_keys_and_shapes_match_2017(alexnet_2017: nn.Module) -> None:
+    state = alexnet_2017.state_dict()
+    assert sorted(state) == sorted(expected_keys_2017())
+    shapes = {
+        "features.0.weight": (96, 3, 11, 11),
+        "features.4.conv.weight": (256, 96, 5, 5),
+        "features.6.conv.weight": (384, 256, 3, 3),
+        "features.7.conv.weight": (384, 384, 3, 3),
+        "features.8.conv.weight": (256, 384, 3, 3),
+        "classifier.0.bn.weight": (256,),  # previous_conv: BatchNorm2d over the 256 channels of the 6x6 map
+        "classifier.0.linear.weight": (4096, 9216),
+        "classifier.1.linear.weight": (4096, 4096),
+        "classifier.2.weight": (4096,),
+        "classifier.4.weight": (1000, 4096),
+    }
+    for key, shape in shapes.items():
+        assert tuple(state[key].shape) == shape, key
+
+
+def test_layers_and_hyperparameters_match_2017(alexnet_2017: nn.Module) -> None:
+    features, classifier = alexnet_2017.features, alexnet_2017.classifier
+    conv0 = features[0]
+    assert (conv0.stride, conv0.padding) == ((4, 4), (0, 0))
+    assert isinstance(features[1], nn.BatchNorm2d) and features[1].eps == 1e-4 and features[1].affine
+    assert [type(features[i]) for i in (3, 5, 9)] == [nn.MaxPool2d] * 3
+    assert all(features[i].kernel_size == 3 and features[i].stride == 2 for i in (3, 5, 9))
+    assert features[4].conv.padding == (2, 2) and features[6].conv.padding == (1, 1)
+    assert classifier[0].previous_conv and classifier[0].Linear and classifier[0].size == 36
+    assert classifier[1].dropout_ratio == 0.5
+    assert isinstance(classifier[2], nn.BatchNorm1d) and classifier[2].eps == 1e-3
+    assert isinstance(classifier[3], nn.Dropout) and classifier[3].p == 0.5
+    assert type(classifier[4]) is nn.Linear
+
+
+def test_227_input_gives_the_6x6_map(alexnet_2017: nn.Module) -> None:
+    assert feature_map_size(227) == 6
+    alexnet_2017.eval()
+    with torch.no_grad():
+        assert alexnet_2017.features(torch.randn(1, 3, 227, 227)).shape == (1, 256, 6, 6)
+
+
+def test_classifier_input_follows_the_input_size() -> None:
+    assert smallest_input_size() == 67 and feature_map_size(66) < 1
+    small = build_model("alexnet", num_classes=3, input_size=99, hidden_features=16)  # 99 -> 2x2 map
+    assert small.classifier[0].linear.weight.shape == (16, 256 * 2 * 2)
+    assert small(torch.randn(2, 3, 99, 99)).shape == (2, 3)
+    with pytest.raises(ValueError, match="too small"):
+        build_model("alexnet", input_size=66)
+
+
+def test_2017_initialisation(alexnet_2017: nn.Module) -> None:
+    # weight ~ N(0, std = 1/c), c = elements per output filter; BatchNorm2d weights 1.
+    for key, c in (("features.0.weight", 3 * 11 * 11), ("features.4.conv.weight", 96 * 25),
+                   ("classifier.1.linear.weight", 4096), ("classifier.4.weight", 4096)):
+        weight = alexnet_2017.state_dict()[key]
+        assert weight.mean().abs() < 0.1 / c, key
+        assert weight.std().item() == pytest.approx(1.0 / c, rel=0.05), key
+    for module in alexnet_2017.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert torch.all(module.weight == 1)
+
+
+def test_binop_selects_the_six_binary_layers_by_type() -> None:
+    xnor = build_model("alexnet", num_classes=5, input_size=67, hidden_features=8)
+    float_net = build_model("alexnet_float", num_classes=5, input_size=67, hidden_features=8)
+    targets = BinOp(xnor).target_modules
+    expected = [xnor.get_submodule(name).weight_layer.weight for name in BIN_BLOCKS_2017]
+    assert len(targets) == 6 and all(t is e for t, e in zip(targets, expected))
+    assert BinOp(float_net).num_of_params == 0
+    assert all(isinstance(float_net.get_submodule(name), FloatConv2d) for name in BIN_BLOCKS_2017)
+    assert not any(isinstance(m, BinConv2d) for m in float_net.modules())
+    assert xnor.state_dict().keys() == float_net.state_dict().keys()
+
+
+def test_step_schedule_is_the_2017_one() -> None:
+    recipe = recipe_main()
+    milestones = recipe.step_milestones(100, 25)
+    assert milestones == [26, 51, 76]
+    for epoch in range(1, 101):  # 2017: lr = base * 0.1 ** (epoch0 // 25), epoch0 = epoch - 1
+        assert lr_at_epoch(0.001, epoch, milestones) == pytest.approx(0.001 * 0.1 ** ((epoch - 1) // 25))
+
+
+def test_defaults_are_the_2017_flags() -> None:
+    parser = recipe_main().get_args_parser()
+    args = parser.parse_args([])
+    assert (args.arch, args.epochs, args.batch_size, args.lr, args.weight_decay, args.workers) == \
+        ("alexnet", 100, 256, 0.001, 1e-5, 8)
+    assert (args.input_size, args.resize, args.caffe_data, args.start_epoch, args.amp) == (227, 256, False, None, None)
+    args = parser.parse_args(["-a", "alexnet_float", "-j", "3", "-b", "64", "-e", "--pretrained", "x.pth",
+                              "--start-epoch", "26", "--amp", "--caffe-data", "-p", "7"])
+    assert (args.arch, args.workers, args.batch_size, args.evaluate, args.pretrained) == \
+        ("alexnet_float", 3, 64, True, "x.pth")
+    assert (args.start_epoch, args.amp, args.caffe_data, args.log_interval) == (26, "bf16", True, 7)
+
+
+def test_legacy_grad_multiplier_sets_1e9_and_only_explicitly() -> None:
+    """Notes eq. (11): the 2017 ImageNet code put 1e9 on top of the factor of eq. (9)."""
+    recipe = recipe_main()
+    parse = recipe.get_args_parser().parse_args
+    assert recipe.grad_multiplier(parse([])) == 1.0
+    legacy = parse(["--legacy-grad-multiplier"])
+    assert recipe.grad_multiplier(legacy) == 1e9 and legacy.grad_scale == "2017"
+    assert recipe.grad_multiplier(parse(["--legacy-grad-multiplier", "--grad-scale", "1"])) == 1e9
+
+
+def test_batch_size_is_split_over_processes() -> None:
+    from imagenet_data import per_rank_batch_size
+
+    assert per_rank_batch_size(256, 8) == 32 and per_rank_batch_size(256, 1) == 256
+    with pytest.raises(UserError, match="not divisible"):
+        per_rank_batch_size(100, 8)
+
+
+def test_too_small_input_size_is_one_line_error(tmp_path) -> None:
+    recipe = recipe_main()
+    args = recipe.get_args_parser().parse_args(["--data", str(tmp_path), "--input-size", "66"])
+    assert isinstance(args, argparse.Namespace)
+    with pytest.raises(UserError, match="too small for AlexNet"):
+        recipe.main(args)
