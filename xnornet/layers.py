@@ -7,6 +7,8 @@ networks match the 2017 checkpoints.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -119,25 +121,9 @@ class BinConv2d(ConvBlock):
       Gradients flow through K by autograd.
     """
 
-    def __init__(
-        self,
-        input_channels: int,
-        output_channels: int,
-        kernel_size: int = -1,
-        stride: int = -1,
-        padding: int = -1,
-        groups: int = 1,
-        dropout: float = 0,
-        Linear: bool = False,  # noqa: N803  (2017 spelling)
-        previous_conv: bool = False,
-        size: int = 0,
-        *,
-        binary_activations: bool = True,
-        activation_scale: bool = False,
-    ) -> None:
-        super().__init__(
-            input_channels, output_channels, kernel_size, stride, padding, groups, dropout, Linear, previous_conv, size
-        )
+    def __init__(self, *args: Any, binary_activations: bool = True, activation_scale: bool = False, **kwargs: Any) -> None:
+        """The 2017 arguments of :class:`ConvBlock`, then the keyword-only options above."""
+        super().__init__(*args, **kwargs)
         self.binary_activations = binary_activations
         self.activation_scale = activation_scale
 
