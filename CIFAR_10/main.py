@@ -1,0 +1,128 @@
+"""Train and evaluate Network-in-Network (XNOR-Net or float) on CIFAR-10.
+
+    python CIFAR_10/main.py --data DIR                        # 2017 recipe: nin, 319 epochs
+    python CIFAR_10/main.py --arch nin_float --data DIR       # float counterpart
+    python CIFAR_10/main.py --protocol standard --data DIR    # crop + flip instead of GCN+ZCA
+    python CIFAR_10/main.py --pretrained PATH --evaluate --data DIR
+    python CIFAR_10/main.py --resume runs/nin-.../last.pth --data DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from cifar_data import FORMATS, download, load_cifar10
+from cifar_protocol import PROTOCOLS, prepare
+from nin import ARCHITECTURES, build_model
+from xnornet.cache import CACHE_ENV, check_outside, resolve_cache_dir
+from xnornet.cli import ArgumentParser, positive_int, run_cli, setup_logging
+from xnornet.distributed import init_distributed
+from xnornet.engine import iterate_tensors
+from xnornet.recipe import add_common_args, run_recipe
+
+RECIPE_DIR = Path(__file__).resolve().parent
+LOG = logging.getLogger("xnornet")
+MILESTONES = (120, 200, 240, 280)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description="XNOR-Net Network-in-Network on CIFAR-10 "
+                                        "(Adam, lr x0.1 at epochs 120, 200, 240, 280)")
+    parser.add_argument("--arch", default="nin", choices=sorted(ARCHITECTURES),
+                        help="nin = XNOR (2017), nin_float = float counterpart, nin_bwn = binary weights only, "
+                             "nin_K = XNOR with the activation scale K (default: nin)")
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", type=Path, default=Path("./data"), metavar="DIR",
+                       help="folder holding cifar-10-batches-py/, cifar-10-batches-bin/ or the 2017 arrays "
+                            "train_data, train_labels, test_data, test_labels (default: ./data)")
+    group.add_argument("--data-format", default="auto", choices=FORMATS,
+                       help="which layout to read; auto = the first found of npy, py, bin (default: auto)")
+    group.add_argument("--download", action="store_true",
+                       help="fetch the python version into --data with torchvision first")
+    group.add_argument("--protocol", default="seed", choices=PROTOCOLS,
+                       help="seed = GCN+ZCA, no augmentation (2017); standard = per-channel mean/std, "
+                            "random crop 32 (padding 4) and horizontal flip (default: seed)")
+    group.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                       help=f"where the GCN+ZCA result is cached (default: ${CACHE_ENV} or ~/.cache/xnornet)")
+    group.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
+                       help="train on the first N training images only (default: all)")
+    group.add_argument("--test-subset", type=positive_int, default=None, metavar="N",
+                       help="test on the first N test images only (default: all)")
+    group.add_argument("--test-batch-size", type=positive_int, default=100, metavar="N",
+                       help="test batch size (default: 100)")
+    group = parser.add_argument_group("schedule and device")
+    group.add_argument("--milestones", type=positive_int, nargs="+", default=list(MILESTONES), metavar="E",
+                       help="epochs at which the learning rate is multiplied by 0.1 (default: 120 200 240 280)")
+    group.add_argument("--cpu", "--no-cuda", dest="cpu", action="store_true",
+                       help="run on the CPU even if CUDA is available")
+    group.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA (no effect on the CPU)")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="channels_last memory format (default: on with CUDA, off on the CPU)")
+    add_common_args(parser, epochs=319, lr=0.01, weight_decay=1e-5, batch_size=128)
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    dist_info = init_distributed(use_cuda=use_cuda)
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True
+    channels_last = use_cuda if args.channels_last is None else args.channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if args.amp and not use_cuda:
+        LOG.warning("--amp has no effect on the CPU")
+
+    if args.download:
+        download(args.data)
+    raw = load_cifar10(args.data, args.data_format)
+    args.data_layout = raw.layout  # recorded in the log header and checkpoints
+    LOG.info("CIFAR-10 (%s layout): %d training and %d test images from %s",
+             raw.layout, len(raw.train_labels), len(raw.test_labels), raw.folder)
+    cache_dir = resolve_cache_dir(args.cache_dir)
+    if args.protocol == "seed" and not raw.preprocessed:
+        check_outside(cache_dir, args.data)
+    data = prepare(raw, args.protocol, device=dist_info.device, cache_dir=cache_dir,
+                   train_subset=args.train_subset, test_subset=args.test_subset, memory_format=memory_format)
+    LOG.info("protocol %s: training on %d images, testing on %d",
+             args.protocol, len(data.train_labels), len(data.test_labels))
+
+    model = build_model(args.arch).to(dist_info.device, memory_format=memory_format)
+
+    def train_batches(epoch: int):
+        # Shuffle and augmentation depend only on (seed, epoch): a resumed run sees the same batches.
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        transform = None
+        if data.train_transform is not None:
+            augment = data.train_transform
+
+            def transform(batch: torch.Tensor) -> torch.Tensor:
+                return augment(batch, generator)
+
+        return iterate_tensors(data.train_images, data.train_labels, args.batch_size,
+                               generator=generator, transform=transform)
+
+    def test_batches():
+        return iterate_tensors(data.test_images, data.test_labels, args.test_batch_size)
+
+    return run_recipe(
+        args,
+        model=model,
+        train_batches=train_batches,
+        num_train_batches=-(-len(data.train_labels) // args.batch_size),
+        test_batches=test_batches,
+        milestones=args.milestones,
+        dist_info=dist_info,
+        recipe_dir=RECIPE_DIR,
+        amp_dtype=torch.bfloat16 if args.amp else None,
+    )
+
+
+if __name__ == "__main__":
+    setup_logging()
+    run_cli(main, get_args_parser().parse_args(sys.argv[1:]))
