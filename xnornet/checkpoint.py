@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .atomic import atomic_file
 from .cli import UserError
 
 FORMAT_NAME = "xnornet-checkpoint"
@@ -38,19 +38,8 @@ def save_atomic(obj: Any, path: PathLike) -> None:
 
     A crash mid-write leaves the previous file intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    with atomic_file(path) as tmp_name:
+        torch.save(obj, tmp_name)
 
 
 def load_file(path: PathLike, what: str = "checkpoint") -> Dict[str, Any]:

@@ -1,0 +1,178 @@
+"""The packed engine's pieces: bit layout, exact sign thresholds, XNOR-popcount convolution.
+
+Shapes cover kernel sizes 1-11, strides 1-4, zero padding, groups, batch sizes
+1 and > 1, and channel counts that are not multiples of 64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from xnornet import BinConv2d, BinOp
+from xnornet.packed import PackedBinConv2d, kernels
+from xnornet.packed.pack import (
+    clamped_batchnorm,
+    pack_dense,
+    padding_offsets,
+    runtime_weight,
+    sign_thresholds,
+    unpack_dense,
+    words_for,
+)
+
+# (in, out, kernel, stride, padding, groups, height, width)
+CONV_SHAPES = [
+    (3, 8, 3, 1, 1, 1, 5, 6),
+    (20, 50, 5, 1, 0, 1, 12, 12),  # LeNet-5
+    (192, 160, 1, 1, 0, 1, 4, 4),  # NIN 1x1
+    (96, 192, 5, 1, 2, 1, 8, 8),  # NIN 5x5
+    (192, 192, 3, 1, 1, 1, 8, 8),  # NIN 3x3
+    (70, 130, 3, 2, 1, 1, 9, 11),
+    (64, 64, 3, 1, 1, 2, 7, 7),
+    (130, 66, 3, 1, 2, 2, 6, 5),
+    (3, 10, 11, 4, 2, 1, 23, 23),
+    (1, 1, 3, 1, 1, 1, 4, 4),
+]
+
+
+def randomize_batchnorm(module: nn.Module, generator: torch.Generator) -> None:
+    """Trained-looking BatchNorm statistics; some raw scales below the clamp floor or negative."""
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                bn.running_mean.normal_(0.0, 0.5, generator=generator)
+                bn.running_var.uniform_(0.2, 3.0, generator=generator)
+                if bn.affine:
+                    bn.weight.uniform_(-0.3, 2.0, generator=generator)
+                    bn.bias.normal_(0.0, 0.5, generator=generator)
+
+
+def test_dense_bits_follow_the_documented_order() -> None:
+    signs = np.zeros((3, 5, 2, 3), dtype=bool)
+    signs.reshape(-1)[70] = True
+    words = pack_dense(signs)
+    assert words.dtype == np.uint64 and words.size == words_for(signs.size) == 2
+    assert words[0] == 0 and words[1] == 1 << 6  # bit 70 = bit 6 of word 1
+    rng = np.random.default_rng(0)
+    for shape in [(1,), (64,), (65,), (7, 5, 3, 3), (500, 800)]:
+        signs = rng.random(shape) < 0.5
+        np.testing.assert_array_equal(unpack_dense(pack_dense(signs), shape), signs)
+
+
+@pytest.mark.parametrize("spatial", [True, False])
+def test_sign_thresholds_reproduce_the_sign_of_batchnorm(spatial: bool) -> None:
+    generator = torch.Generator().manual_seed(1)
+    channels = 37
+    bn = nn.BatchNorm2d(channels, eps=1e-4) if spatial else nn.BatchNorm1d(channels, eps=1e-3)
+    randomize_batchnorm(bn, generator)
+    with torch.no_grad():
+        bn.weight[:3] = torch.tensor([1e-6, -2.0, 0.01])  # clamped to 0.01, as ConvBlock.forward does
+    bn = clamped_batchnorm(bn)
+    thresholds = sign_thresholds(bn)
+    # Values at, just below and just above each threshold, and a wide random spread.
+    near = np.stack([thresholds, np.nextafter(thresholds, -np.inf), np.nextafter(thresholds, np.inf),
+                     np.nextafter(np.nextafter(thresholds, -np.inf), -np.inf)]).astype(np.float32)
+    spread = torch.randn(60, channels, generator=generator).numpy() * 3.0
+    values = torch.from_numpy(np.concatenate([near, spread]).astype(np.float32))  # [rows, C]
+    if spatial:
+        values = values.T.reshape(1, channels, -1, 4)
+        layouts = [values.contiguous(), values.contiguous(memory_format=torch.channels_last)]
+        limit = torch.from_numpy(thresholds).reshape(1, channels, 1, 1)
+    else:
+        layouts = [values]
+        limit = torch.from_numpy(thresholds).reshape(1, channels)
+    with torch.no_grad():
+        for tensor in layouts:
+            assert torch.equal(tensor >= limit, bn(tensor) >= 0)
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_xnor_conv_gives_the_exact_integer_dot_product(shape, batch: int) -> None:
+    """alpha = 1: the kernel's output is the +-1 convolution with zero padding, exactly (eq. 13, 14)."""
+    cin, cout, k, stride, padding, groups, height, width = shape
+    generator = torch.Generator().manual_seed(sum(shape) + batch)
+    x_signs = torch.rand(batch, cin, height, width, generator=generator) < 0.5
+    w_signs = torch.rand(cout, cin // groups, k, k, generator=generator) < 0.5
+    x = torch.where(x_signs, 1.0, -1.0)
+    w = torch.where(w_signs, 1.0, -1.0)
+    shift = 4096.0  # keeps every output above the fused ReLU; integers stay exact in float32
+    expected = F.conv2d(x, w, torch.full((cout,), shift), stride, padding, 1, groups) - shift
+
+    weight, tap_ones = runtime_weight(w_signs.numpy(), groups)
+    words = words_for(cin // groups)
+    zero = np.zeros(cin, np.float32)
+    packed_nchw = np.zeros((batch, height + 2 * padding, width + 2 * padding, groups, words), np.int64)
+    packed_nhwc = np.zeros_like(packed_nchw)
+    kernels.pack_nchw(x.numpy(), zero, groups, padding, packed_nchw)
+    kernels.pack_nhwc(x.permute(0, 2, 3, 1).contiguous().numpy(), zero, groups, padding, packed_nhwc)
+    np.testing.assert_array_equal(packed_nchw, packed_nhwc)
+
+    offsets = padding_offsets(tap_ones, cin // groups, height, width, k, stride, padding)
+    out = np.empty((batch, *expected.shape[2:], cout), np.float32)
+    kernels.xnor_conv(packed_nchw, weight, offsets, stride, k, k, np.ones(cout, np.float32),
+                      np.full(cout, shift, np.float32), kernels.empty_scale(), out)
+    assert torch.equal(torch.from_numpy(out).permute(0, 3, 1, 2) - shift, expected)
+
+
+def simulated(block: BinConv2d, x: torch.Tensor) -> torch.Tensor:
+    block.eval()
+    with torch.no_grad(), BinOp(block).binarized():
+        return block(x)
+
+
+def assert_close_to_simulation(block: BinConv2d, x: torch.Tensor) -> None:
+    packed = PackedBinConv2d.from_block(block)
+    reference = simulated(block, x)
+    with torch.no_grad():
+        out = packed(x)
+    assert out.shape == reference.shape
+    scale = reference.abs().max().clamp_min(1e-12)
+    assert (out - reference).abs().max() <= 1e-5 * scale, (out - reference).abs().max()
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+@pytest.mark.parametrize("variant", [{}, {"activation_scale": True}, {"binary_activations": False}])
+def test_packed_conv_block_matches_the_simulated_block(shape, variant) -> None:
+    cin, cout, k, stride, padding, groups, height, width = shape
+    if variant.get("activation_scale") and 2 * padding > k:
+        pytest.skip("the simulated K (avg_pool2d) needs padding <= kernel / 2")
+    generator = torch.Generator().manual_seed(sum(shape))
+    block = BinConv2d(cin, cout, k, stride, padding, groups=groups, **variant)
+    randomize_batchnorm(block, generator)
+    for batch in (1, 3):
+        assert_close_to_simulation(block, torch.randn(batch, cin, height, width, generator=generator))
+
+
+@pytest.mark.parametrize("variant", [{}, {"activation_scale": True}, {"binary_activations": False}])
+def test_packed_linear_blocks_match_the_simulated_blocks(variant) -> None:
+    generator = torch.Generator().manual_seed(7)
+    after_conv = BinConv2d(50 * 16, 500, Linear=True, previous_conv=True, size=16, **variant)  # LeNet-5 ip1
+    plain = BinConv2d(130, 70, Linear=True, **variant)
+    for block, shape in ((after_conv, (50, 4, 4)), (plain, (130,))):
+        randomize_batchnorm(block, generator)
+        for batch in (1, 5):
+            assert_close_to_simulation(block, torch.randn(batch, *shape, generator=generator))
+
+
+def test_packed_block_takes_nchw_and_channels_last_inputs_alike() -> None:
+    generator = torch.Generator().manual_seed(3)
+    block = BinConv2d(96, 64, 3, 1, 1)
+    randomize_batchnorm(block, generator)
+    packed = PackedBinConv2d.from_block(block.eval())
+    x = torch.randn(2, 96, 6, 7, generator=generator)
+    with torch.no_grad():
+        out = packed(x)
+        assert torch.equal(out, packed(x.contiguous(memory_format=torch.channels_last)))
+        assert torch.equal(out, packed(x[:, :, :, :].transpose(2, 3).contiguous().transpose(2, 3)))
+
+
+def test_packed_block_is_inference_only() -> None:
+    packed = PackedBinConv2d.from_block(BinConv2d(8, 8, 3, 1, 1).eval())
+    packed.train()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        packed(torch.randn(1, 8, 4, 4))

@@ -1,0 +1,96 @@
+"""Whole networks through the packed engine equal the simulated networks (BinOp + float conv).
+
+LeNet-5, NIN and AlexNet (at its smallest input, a narrow classifier) are built
+by their recipes' model files; every variant with binarized blocks is covered.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from xnornet import BinConv2d, BinOp
+from xnornet.cli import UserError
+from xnornet.packed import PackedBinConv2d, pack_for_evaluation, pack_model
+from xnornet.packed.archs import build_arch
+
+from test_packed_kernels import randomize_batchnorm
+
+NETWORKS = [
+    ("LeNet_5", {}, (1, 28, 28)),
+    ("LeNet_5_K", {}, (1, 28, 28)),
+    ("LeNet_5_bwn", {}, (1, 28, 28)),
+    ("nin", {}, (3, 32, 32)),
+    ("nin_K", {}, (3, 32, 32)),
+    ("alexnet", {"input_size": 67, "hidden_features": 96, "num_classes": 12}, (3, 67, 67)),
+    ("alexnet", {"input_size": 99, "hidden_features": 64, "num_classes": 5}, (3, 99, 99)),
+]
+
+
+def network(arch: str, model_args: dict, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_arch(arch, model_args).eval()
+    randomize_batchnorm(model, torch.Generator().manual_seed(seed))
+    return model
+
+
+@pytest.mark.parametrize("arch, model_args, shape", NETWORKS)
+def test_packed_network_equals_the_simulated_network(arch, model_args, shape) -> None:
+    model = network(arch, model_args, seed=len(arch))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    packed = pack_model(model)
+    for key, value in model.state_dict().items():  # packing copies; the model is untouched
+        assert torch.equal(value, before[key]), key
+    blocks = [m for m in model.modules() if isinstance(m, BinConv2d)]
+    assert sum(isinstance(m, PackedBinConv2d) for m in packed.modules()) == len(blocks) > 0
+    assert not any(isinstance(m, BinConv2d) for m in packed.modules())
+
+    generator = torch.Generator().manual_seed(0)
+    for batch in (1, 4):
+        x = torch.randn(batch, *shape, generator=generator)
+        with torch.no_grad():
+            with BinOp(model).binarized():
+                reference = model(x)
+            out = packed(x)
+        assert torch.equal(out.argmax(dim=1), reference.argmax(dim=1))
+        relative = (out - reference).abs().amax(dim=1) / reference.abs().amax(dim=1)
+        assert relative.max() <= 1e-4, relative.max()
+
+
+def test_blocks_are_replaced_by_type_and_every_other_layer_stays_float() -> None:
+    model = network("nin", {}, seed=0)
+    packed = pack_model(model)
+    blocks = {name for name, module in model.named_modules() if isinstance(module, BinConv2d)}
+    for name, module in model.named_modules():
+        if name in blocks:
+            assert isinstance(packed.get_submodule(name), PackedBinConv2d)
+        elif not any(name.startswith(block + ".") for block in blocks):
+            assert type(packed.get_submodule(name)) is type(module), name
+    float_keys = [key for key in model.state_dict() if not any(key.startswith(b + ".") for b in blocks)]
+    assert float_keys and all(torch.equal(packed.state_dict()[k], model.state_dict()[k]) for k in float_keys)
+
+
+def test_pack_for_evaluation_rejects_what_it_cannot_run() -> None:
+    with pytest.raises(UserError, match="no BinConv2d"):
+        pack_for_evaluation(build_arch("LeNet_5_float"), torch.device("cpu"))
+    with pytest.raises(UserError, match="CPU"):
+        pack_for_evaluation(build_arch("LeNet_5"), torch.device("cuda"))
+
+
+def test_benchmark_logs_every_block_and_the_network(tmp_path) -> None:
+    from xnornet.packed import benchmark
+
+    args = benchmark.get_args_parser().parse_args(
+        ["--archs", "LeNet_5", "--batch-sizes", "2", "--threads", "1", "--repeats", "3", "--budget", "0",
+         "--out", str(tmp_path / "bench.jsonl")])
+    records = benchmark.main(args)
+    lines = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    assert lines[0]["event"] == "start" and "hardware" in lines[0] and "load_average" in lines[0]
+    assert [r["layer"] for r in lines if r["event"] == "layer"] == ["bin_conv2", "bin_ip1"]
+    size = next(r for r in lines if r["event"] == "size")
+    assert size["compression"] == size["float32_bytes"] / size["file_bytes"] > 20
+    network = [r for r in records if r["event"] == "network"]
+    assert len(network) == 2 and all(r["speedup"] == r["float_ms"] / r["packed_ms"] for r in network)

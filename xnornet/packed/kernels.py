@@ -1,0 +1,244 @@
+"""Numba kernels of the packed engine: sign-and-pack activations, XNOR-popcount conv.
+
+Bit convention (notes, section 8): ``+1`` is bit 1, ``-1`` is bit 0. Channels are
+packed into 64-bit words (held as ``int64``; only the bits matter), bit ``b`` of
+word ``k`` being channel ``64 k + b`` of its group; the unused high bits of a
+group's last word are 0 in both activations and weights, so they never differ.
+
+Layouts:
+
+- packed activations ``[N, H + 2p, W + 2p, G, CW]``: per position and group,
+  ``CW = ceil(C_g / 64)`` words; the padding ring is all-zero words;
+- packed weights ``[G, OB, R, BO]``: ``R = KH * KW * CW`` reduction words (tap
+  major, word minor; zero rows round ``R`` up to a multiple of 4) and the ``O_g``
+  output channels of a group cut into ``OB`` blocks of ``BO`` (zero-padded),
+  innermost so that LLVM vectorizes over them;
+- ``offset [Ho or 1, Wo or 1, O]`` int32 and float output ``[N, Ho, Wo, O]``.
+
+Padding (eq. 14 of the notes): a padded tap holds the word 0 (all ``-1``), so its
+xor with the weights counts ``popcount(w)`` mismatches where the float simulation
+(zero padding) counts nothing. With ``P`` the popcount of the weight words at the
+padded taps of an output position and ``n_valid`` the number of real inputs,
+``dot = n_valid - 2 (popcount_total - P) = offset - 2 popcount_total`` with
+``offset = n_valid + 2 P`` precomputed per position (``C_g KH KW`` inside).
+
+Each kernel is compiled twice (:class:`Kernel`): parallel over numba's threads,
+and serial for one thread or small work, where starting the pool would cost more.
+"""
+
+from __future__ import annotations
+
+import os
+import types as pytypes
+from typing import Any, Callable, Optional
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+WORD_BITS = 64
+#: ``(v * BYTES_TO_BITS) >> 56`` gathers the low bits of the 8 bytes of ``v`` (each 0 or 1)
+#: into one byte, byte ``i`` becoming bit ``i``.
+BYTES_TO_BITS = 0x0102040810204080
+
+# numba's OpenMP layer leaves its worker threads spinning after each parallel
+# loop; next to PyTorch's own OpenMP pool that slowed the float layers between
+# two packed ones by 10-100x here. The work-queue layer sleeps instead. A user's
+# NUMBA_THREADING_LAYER still wins. Must be set before the first parallel call.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+
+@intrinsic
+def popcount64(typingctx, word):  # noqa: ARG001  (numba intrinsic signature)
+    """``llvm.ctpop.i64``: the number of set bits of an int64 (VPOPCNTQ/POPCNT where the CPU has them)."""
+    if word != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):  # noqa: ARG001
+        return builder.ctpop(args[0])
+
+    return types.int64(types.int64), codegen
+
+
+def _pack_nhwc(x, threshold, groups, padding, out):  # pragma: no cover  (compiled)
+    """Bits ``x[n, h, w, c] >= threshold[c]`` of a C-contiguous float32 NHWC array.
+
+    ``out`` [N, H + 2 padding, W + 2 padding, G, CW] int64 must be zero on the padding ring.
+    """
+    n_batch, height, width, channels = x.shape
+    words = out.shape[4]
+    per_group = channels // groups
+    for job in prange(n_batch * height):
+        n = job // height
+        h = job - n * height
+        flags = np.zeros(words * WORD_BITS, np.uint8)  # bytes past per_group stay 0
+        flag_words = flags.view(np.int64)
+        for w in range(width):
+            pixel = x[n, h, w]
+            for g in range(groups):
+                base = g * per_group
+                for c in range(per_group):
+                    flags[c] = pixel[base + c] >= threshold[base + c]
+                dst = out[n, h + padding, w + padding, g]
+                for k in range(words):
+                    word = np.int64(0)
+                    for byte in range(8):
+                        gathered = (flag_words[k * 8 + byte] * BYTES_TO_BITS) >> 56
+                        word |= (gathered & 0xFF) << (8 * byte)
+                    dst[k] = word
+
+
+def _pack_nchw(x, threshold, groups, padding, out):  # pragma: no cover  (compiled)
+    """``pack_nhwc`` for a C-contiguous NCHW array (no transposed float copy needed).
+
+    One job packs one image row: each channel's contiguous row of ``W`` values
+    ORs its bit into the words of all ``W`` positions at once (vectorized over
+    positions), then the words are written out per position.
+    """
+    n_batch, channels, height, width = x.shape
+    words = out.shape[4]
+    per_group = channels // groups
+    for job in prange(n_batch * height):
+        n = job // height
+        h = job - n * height
+        row_words = np.zeros((groups * words, width), np.int64)
+        for c in range(channels):
+            g = c // per_group
+            local = c - g * per_group
+            k = local // WORD_BITS
+            shift = np.int64(local - k * WORD_BITS)
+            t = threshold[c]
+            values = x[n, c, h]
+            target = row_words[g * words + k]
+            for w in range(width):
+                target[w] |= np.int64(values[w] >= t) << shift
+        for w in range(width):
+            dst = out[n, h + padding, w + padding]
+            for g in range(groups):
+                for k in range(words):
+                    dst[g, k] = row_words[g * words + k, w]
+
+
+def _xnor_conv(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out):  # pragma: no cover
+    """``out = relu(alpha * dot * scale + bias)``, ``dot`` the XNOR-popcount convolution (module docstring).
+
+    ``scale`` [N, Ho, Wo] float32 is the activation scale K (eq. 12), or an empty
+    array for none. Each parallel job computes one output row for one block of
+    output channels, two positions at a time (each weight word is loaded once
+    for both) and four reduction words at a time (one accumulator update per
+    four popcounts); the inner loop runs over contiguous output channels, which
+    LLVM vectorizes (VPOPCNTQ where the CPU has it). ``weight`` has ``R``
+    rounded up to a multiple of 4 with zero rows, which add nothing.
+    """
+    n_batch, _, _, groups, words = x.shape
+    blocks, reduction, block = weight.shape[1], weight.shape[2], weight.shape[3]
+    out_h, out_w, out_channels = out.shape[1], out.shape[2], out.shape[3]
+    per_group = out_channels // groups
+    per_position_offset = offset.shape[0] > 1
+    has_scale = scale.size > 0
+    jobs_per_image = out_h * groups * blocks
+    for job in prange(n_batch * jobs_per_image):
+        n = job // jobs_per_image
+        rest = job - n * jobs_per_image
+        oy = rest // (groups * blocks)
+        rest -= oy * (groups * blocks)
+        g = rest // blocks
+        b = rest - g * blocks
+        kernel = weight[g, b]
+        first = g * per_group + b * block
+        stop = first + min(block, per_group - b * block)
+        # One 2-D array each (not one per position): LLVM then needs a single alias check to vectorize.
+        acc = np.zeros((2, block), np.int64)
+        values = np.zeros((2, reduction), np.int64)  # the rounding-up tail stays 0
+        alphas, biases = alpha[first:stop], bias[first:stop]
+        for ox0 in range(0, out_w, 2):
+            ox1 = min(ox0 + 1, out_w - 1)  # an odd last position is computed twice, written once
+            r = 0
+            for ky in range(kernel_h):
+                row = x[n, oy * stride + ky]
+                for kx in range(kernel_w):
+                    pixel0 = row[ox0 * stride + kx, g]
+                    pixel1 = row[ox1 * stride + kx, g]
+                    for k in range(words):
+                        values[0, r] = pixel0[k]
+                        values[1, r] = pixel1[k]
+                        r += 1
+            acc[:] = 0
+            for j in range(0, reduction, 4):
+                a0, a1, a2, a3 = values[0, j], values[0, j + 1], values[0, j + 2], values[0, j + 3]
+                b0, b1, b2, b3 = values[1, j], values[1, j + 1], values[1, j + 2], values[1, j + 3]
+                for o in range(block):
+                    w0, w1, w2, w3 = kernel[j, o], kernel[j + 1, o], kernel[j + 2, o], kernel[j + 3, o]
+                    acc[0, o] += (popcount64(a0 ^ w0) + popcount64(a1 ^ w1)) + (
+                        popcount64(a2 ^ w2) + popcount64(a3 ^ w3))
+                    acc[1, o] += (popcount64(b0 ^ w0) + popcount64(b1 ^ w1)) + (
+                        popcount64(b2 ^ w2) + popcount64(b3 ^ w3))
+            for which in range(2):
+                ox = ox0 + which
+                if ox >= out_w:
+                    break
+                # Contiguous slices and max(): this loop vectorizes (per-element indexing did not).
+                positions = offset[oy if per_position_offset else 0, ox if per_position_offset else 0, first:stop]
+                factor = scale[n, oy, ox] if has_scale else np.float32(1.0)
+                ones = acc[which]
+                dst = out[n, oy, ox, first:stop]
+                for o in range(stop - first):
+                    value = alphas[o] * np.float32(positions[o] - 2 * ones[o]) * factor + biases[o]
+                    dst[o] = max(value, np.float32(0.0))
+
+
+def _renamed(function: Callable, suffix: str) -> Callable:
+    """The same Python function under another name: numba caches each name's build separately."""
+    twin = pytypes.FunctionType(function.__code__, function.__globals__, function.__name__ + suffix,
+                                function.__defaults__, function.__closure__)
+    twin.__qualname__ = function.__qualname__ + suffix
+    twin.__doc__ = function.__doc__
+    return twin
+
+
+class Kernel:
+    """A kernel compiled twice: with ``prange`` on numba's threads, and serial.
+
+    Starting the thread pool costs tens of microseconds per call, more than a
+    small layer's whole work at batch 1; calls with ``work`` (roughly, operations)
+    below ``serial_below``, or with one thread, run the serial build.
+    """
+
+    def __init__(self, function: Callable, serial_below: int) -> None:
+        self.parallel = njit(parallel=True, cache=True)(function)
+        self.serial = njit(cache=True)(_renamed(function, "_serial"))
+        self.serial_below = serial_below
+        self.__doc__ = function.__doc__
+
+    def __call__(self, *args: Any, work: Optional[int] = None) -> None:
+        if numba.get_num_threads() == 1 or (work is not None and work < self.serial_below):
+            self.serial(*args)
+        else:
+            self.parallel(*args)
+
+
+#: work = values read; the serial builds handle about one per nanosecond.
+pack_nhwc = Kernel(_pack_nhwc, serial_below=50_000)
+pack_nchw = Kernel(_pack_nchw, serial_below=50_000)
+#: work = 64-bit word operations; the serial build does about ten per nanosecond.
+xnor_conv = Kernel(_xnor_conv, serial_below=500_000)
+
+
+def sync_threads(threads: int) -> None:
+    """Run numba's parallel loops on ``threads`` threads (at most NUMBA_NUM_THREADS)."""
+    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+
+
+def threading_layer() -> str:
+    """The numba threading layer in use (after the first parallel call) or configured."""
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel function has run yet
+        return str(numba.config.THREADING_LAYER)
+
+
+def empty_scale() -> np.ndarray:
+    """The ``scale`` argument of :func:`xnor_conv` meaning "no activation scale"."""
+    return np.empty((0, 0, 0), np.float32)

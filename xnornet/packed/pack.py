@@ -1,0 +1,190 @@
+"""From a trained BinConv2d block to packed bits, alpha and sign thresholds.
+
+The weight transform is exactly :meth:`xnornet.binop.BinOp.binarization`:
+``Wc = center_and_clamp(W)`` (eq. 8), ``alpha = filter_alpha(Wc)`` (eq. 1) and the
+signs ``binary_sign(Wc)`` (eq. 2), +1 stored as bit 1.
+
+File layout of the bits (``dense``): the signs of the weight tensor in PyTorch's
+order ``[O, C_in/groups, KH, KW]`` (``[O, F]`` for a linear block), flattened and
+packed into little-endian 64-bit words, bit ``i`` of the stream being bit ``i % 64``
+of word ``i // 64``; the last word is padded with 0 bits. Each row (one output
+filter) is contiguous along the reduction dimension. The runtime layout used by the
+kernels (:mod:`xnornet.packed.kernels`) is rebuilt from it at load time.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..binarize import binary_sign
+from ..binop import center_and_clamp, filter_alpha
+from ..layers import BN_SCALE_FLOOR
+from .kernels import WORD_BITS
+
+
+def words_for(bits: int) -> int:
+    """64-bit words needed to hold ``bits`` bits."""
+    return -(-bits // WORD_BITS)
+
+
+def weight_signs_and_alpha(weight: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
+    """The binarized weight of BinOp as (signs: bool array, True = +1, shaped like ``weight``; alpha [O] float32)."""
+    with torch.no_grad():
+        real = center_and_clamp(weight.detach().float())
+        alpha = filter_alpha(real).reshape(-1)
+        signs = binary_sign(real) > 0
+    return signs.cpu().numpy(), alpha.cpu().numpy().astype(np.float32)
+
+
+def pack_dense(signs: np.ndarray) -> np.ndarray:
+    """All of ``signs`` (any shape, C order) as one little-endian bit stream in uint64 words."""
+    flat = np.ascontiguousarray(signs, dtype=bool).reshape(-1)
+    padded = np.zeros(words_for(flat.size) * WORD_BITS, dtype=bool)
+    padded[: flat.size] = flat
+    return np.packbits(padded, bitorder="little").view("<u8").copy()
+
+
+def unpack_dense(words: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`pack_dense`: bool signs of ``shape``."""
+    count = int(np.prod(shape))
+    if words.size != words_for(count):
+        raise ValueError(f"{words.size} words cannot hold a {tuple(shape)} bit tensor ({words_for(count)} needed)")
+    bits = np.unpackbits(np.ascontiguousarray(words, dtype="<u8").view(np.uint8), bitorder="little")
+    return bits[:count].astype(bool).reshape(shape)
+
+
+def output_blocks(per_group_out: int) -> Tuple[int, int]:
+    """(blocks, block width): output channels cut into blocks of at most 256, widths a multiple of 8."""
+    blocks = -(-per_group_out // 256)
+    width = -(-per_group_out // blocks)
+    return blocks, -(-width // 8) * 8
+
+
+def runtime_weight(signs: np.ndarray, groups: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Kernel layout of conv signs ``[O, C_g, KH, KW]`` (linear: ``[O, F]``).
+
+    Returns ``weight [G, OB, R, BO]`` int64 (:mod:`~xnornet.packed.kernels`; ``R = KH*KW*CW``
+    rounded up to a multiple of 4)
+    and ``tap_ones [G, KH*KW, O_g]``, the number of +1 weights of each filter at each tap.
+    """
+    if signs.ndim == 2:
+        signs = signs[:, :, None, None]
+    out_channels, per_group_in, kernel_h, kernel_w = signs.shape
+    per_group_out = out_channels // groups
+    words = words_for(per_group_in)
+    blocks, width = output_blocks(per_group_out)
+    grouped = signs.reshape(groups, per_group_out, per_group_in, kernel_h, kernel_w)
+    tap_ones = grouped.sum(axis=2).reshape(groups, per_group_out, kernel_h * kernel_w).transpose(0, 2, 1)
+    bits = np.zeros((groups, blocks * width, kernel_h, kernel_w, words * WORD_BITS), dtype=bool)
+    bits[:, :per_group_out, :, :, :per_group_in] = grouped.transpose(0, 1, 3, 4, 2)
+    packed = np.packbits(bits, axis=-1, bitorder="little").view("<u8")  # [G, OB*BO, KH, KW, CW]
+    reduction = kernel_h * kernel_w * words
+    packed = packed.reshape(groups, blocks, width, reduction).transpose(0, 1, 3, 2)
+    weight = np.zeros((groups, blocks, -(-reduction // 4) * 4, width), np.uint64)  # zero rows add nothing
+    weight[:, :, :reduction] = packed
+    return weight.view(np.int64), np.ascontiguousarray(tap_ones)
+
+
+def padding_offsets(tap_ones: np.ndarray, group_channels: int, height: int, width: int,
+                    kernel_size: int, stride: int, padding: int) -> np.ndarray:
+    """``offset [Ho, Wo, O]`` int32 of eq. (14): ``n_valid + 2 * (+1 weights at the padded taps)``.
+
+    Without padding every position has ``n_valid = C_g * KH * KW`` and no padded
+    tap: the table is then ``[1, 1, O]``.
+    """
+    groups, taps, per_group_out = tap_ones.shape
+    if padding == 0:
+        full = np.full((1, 1, groups * per_group_out), group_channels * taps, np.int64)
+        return full.astype(np.int32)
+    out_h = (height + 2 * padding - kernel_size) // stride + 1
+    out_w = (width + 2 * padding - kernel_size) // stride + 1
+    rows = np.arange(out_h)[:, None] * stride - padding + np.arange(kernel_size)[None, :]
+    cols = np.arange(out_w)[:, None] * stride - padding + np.arange(kernel_size)[None, :]
+    inside = ((rows >= 0) & (rows < height))[:, None, :, None] & ((cols >= 0) & (cols < width))[None, :, None, :]
+    inside = inside.reshape(out_h, out_w, taps)
+    n_valid = inside.sum(axis=2) * group_channels
+    padded_ones = np.einsum("yxt,gto->yxgo", (~inside).astype(np.int64), tap_ones.astype(np.int64))
+    offset = n_valid[:, :, None, None] + 2 * padded_ones
+    return offset.reshape(out_h, out_w, groups * per_group_out).astype(np.int32)
+
+
+def _ordered_keys(values: np.ndarray) -> np.ndarray:
+    """float32 -> int64 keys with the same order (-0.0 and +0.0 share key 0)."""
+    bits = values.astype(np.float32).view(np.int32).astype(np.int64)
+    return np.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))
+
+
+def _from_keys(keys: np.ndarray) -> np.ndarray:
+    bits = np.where(keys >= 0, keys, (-keys) | 0x80000000).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+def _positive_after_bn(bn: nn.Module, values: np.ndarray, layout: str = "small") -> np.ndarray:
+    """Per channel ``c``: ``bn(values[c]) >= 0``, the value repeated over an input of ``layout``.
+
+    ``layout``: "small" (one element per channel), "batch" (several samples and
+    positions) or "channels_last" (the same in channels-last memory). Raises when
+    equal inputs of one channel give different signs.
+    """
+    channels = values.shape[0]
+    column = torch.from_numpy(values.astype(np.float32))
+    if isinstance(bn, nn.BatchNorm2d):
+        shape = (1, channels, 1, 1) if layout == "small" else (3, channels, 4, 5)
+        source = column.reshape(1, channels, 1, 1).expand(shape)
+        memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        source = source.contiguous(memory_format=memory_format)
+    else:
+        source = column.reshape(1, channels).expand(1 if layout == "small" else 5, channels).contiguous()
+    with torch.no_grad():
+        positive = (bn(source) >= 0).transpose(0, 1).reshape(channels, -1)
+    if not bool((positive.all(dim=1) | ~positive.any(dim=1)).all()):
+        raise RuntimeError("BatchNorm gave different results for equal inputs: no exact sign threshold exists")
+    return positive[:, 0].numpy()
+
+
+def clamped_batchnorm(bn: nn.Module) -> nn.Module:
+    """An eval-mode copy of a block's BatchNorm with the scale clamped like ConvBlock.forward does."""
+    bn = copy.deepcopy(bn).eval()
+    with torch.no_grad():
+        bn.weight.clamp_(min=BN_SCALE_FLOOR)
+    return bn
+
+
+def sign_thresholds(bn: nn.Module) -> np.ndarray:
+    """Per channel, the smallest float32 ``t`` with ``bn(t) >= 0`` (``bn`` evaluated by PyTorch itself).
+
+    ``bn`` must already be clamped (:func:`clamped_batchnorm`): with a positive
+    scale the float BatchNorm is monotone in its input, so for every float32 ``x``
+    ``binary_sign(bn(x)) == +1`` exactly when ``x >= t``. The threshold is found by
+    bisection over the float32 values in order, and checked in three tensor
+    layouts, so the comparison reproduces the float simulation bit for bit (a
+    threshold derived by algebra, ``mean - beta * std / gamma``, can be off by one
+    rounding step).
+    """
+    channels = bn.num_features
+    low = np.full(channels, _ordered_keys(np.array([-np.inf], np.float32))[0])
+    high = np.full(channels, _ordered_keys(np.array([np.inf], np.float32))[0])
+    # Invariant: bn(value(high)) >= 0 and, unless low is -inf, bn(value(low)) < 0.
+    low_positive = _positive_after_bn(bn, _from_keys(low))
+    while True:
+        open_interval = (high - low > 1) & ~low_positive
+        if not open_interval.any():
+            break
+        middle = np.where(open_interval, low + (high - low) // 2, high)
+        positive = _positive_after_bn(bn, _from_keys(middle))
+        high = np.where(open_interval & positive, middle, high)
+        low = np.where(open_interval & ~positive, middle, low)
+    keys = np.where(low_positive, low, high)
+    thresholds = _from_keys(keys)
+    below = _from_keys(keys - 1)
+    for layout in ("small", "batch", "channels_last"):
+        if not _positive_after_bn(bn, thresholds, layout).all() or (
+            _positive_after_bn(bn, below, layout) & ~low_positive
+        ).any():
+            raise RuntimeError(f"BatchNorm threshold search is inconsistent in the {layout!r} layout")
+    return thresholds
