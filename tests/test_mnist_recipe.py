@@ -162,6 +162,13 @@ def test_corrupt_checkpoint(mnist_root, tmp_path):
     assert_one_line_error(result, "corrupt.pth", "not a readable")
 
 
+def test_checkpoint_of_another_variant_names_its_arch(trained_run, mnist_root):
+    """XNOR and float LeNet-5 share their keys: the checkpoint's arch must decide."""
+    result = run_script(SCRIPT, ["--data", mnist_root, "--arch", "LeNet_5_float",
+                                 "--pretrained", trained_run / "best.pth", "--evaluate"])
+    assert_one_line_error(result, "trained as --arch LeNet_5", "pass --arch LeNet_5")
+
+
 def test_checkpoint_of_another_architecture(mnist_root, tmp_path):
     other = tmp_path / "other.pth"
     torch.save({"state_dict": {"xnor.0.weight": torch.zeros(192, 3, 5, 5)}}, other)

@@ -217,9 +217,16 @@ def resume_run(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, ar
     )
 
 
-def load_pretrained(path: str, model: nn.Module) -> Optional[float]:
-    """Load weights from any supported checkpoint format; returns the accuracy it claims."""
+def load_pretrained(path: str, model: nn.Module, arch: Optional[str] = None) -> Optional[float]:
+    """Load weights from any supported checkpoint format; returns the accuracy it claims.
+
+    Variants of one network (XNOR, float, BWN, K) share their state_dict keys, so a
+    checkpoint that names its ``arch`` must match ``arch``.
+    """
     checkpoint = load_file(path, "--pretrained checkpoint")
+    if arch is not None and checkpoint.get("arch") not in (None, arch):
+        raise UserError(f"--pretrained checkpoint {path!r} was trained as --arch {checkpoint['arch']}, "
+                        f"not {arch}: pass --arch {checkpoint['arch']}")
     load_model_state(unwrap(model), model_state_from(checkpoint), f"--pretrained checkpoint {path!r}")
     return checkpoint_accuracy(checkpoint)
 

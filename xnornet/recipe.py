@@ -118,7 +118,7 @@ def run_recipe(
         state = resume_run(args.resume, model, optimizer, args.arch)
         LOG.info("resumed %s at epoch %d (best %.2f%%)", args.resume, state.start_epoch, state.best_acc)
     elif args.pretrained:
-        claimed = load_pretrained(args.pretrained, model)
+        claimed = load_pretrained(args.pretrained, model, args.arch)
         LOG.info("loaded %s%s", args.pretrained, "" if claimed is None else f" (it claims {claimed:.2f}%)")
     if start_epoch is not None:
         state.start_epoch = start_epoch
