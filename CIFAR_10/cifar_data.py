@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from xnornet.cli import UserError
+from xnornet.download import torchvision_download
 
 LOG = logging.getLogger("xnornet")
 
@@ -260,10 +261,4 @@ def load_cifar10(root: Path, data_format: str = "auto") -> RawCifar:
 
 def download(root: Path) -> None:
     """Fetch the python version with torchvision into ``root/cifar-10-batches-py``."""
-    from torchvision import datasets
-
-    try:
-        for train in (True, False):
-            datasets.CIFAR10(str(root), train=train, download=True)
-    except Exception as err:  # network or disk errors, reported as one line
-        raise UserError(f"--download failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    torchvision_download("CIFAR10", root)

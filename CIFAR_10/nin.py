@@ -18,13 +18,12 @@ One ``nn.Sequential`` named ``xnor``, so state_dict keys match the 2017 files
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, Dict
 
 import torch
 import torch.nn as nn
 
-from xnornet import BinConv2d, ConvBlock, FloatConv2d
+from xnornet import BinConv2d, ConvBlock, architectures
 
 #: The 2017 initialization: every Conv2d weight ~ N(0, INIT_STD), bias 0.
 INIT_STD = 0.05
@@ -75,13 +74,8 @@ def init_weights(model: nn.Module, std: float = INIT_STD) -> None:
                 module.bias.zero_()
 
 
-#: --arch values: the 2017 XNOR network, its float counterpart, and two variants.
-ARCHITECTURES: Dict[str, Callable[[], nn.Module]] = {
-    "nin": lambda: NIN(BinConv2d),
-    "nin_float": lambda: NIN(FloatConv2d),
-    "nin_bwn": lambda: NIN(partial(BinConv2d, binary_activations=False)),
-    "nin_K": lambda: NIN(partial(BinConv2d, activation_scale=True)),
-}
+#: --arch values: nin (XNOR, 2017), nin_float, nin_bwn, nin_K.
+ARCHITECTURES: Dict[str, Callable[[], nn.Module]] = architectures("nin", NIN)
 
 
 def build_model(arch: str) -> nn.Module:

@@ -18,7 +18,7 @@ from typing import Callable, Dict
 import torch
 import torch.nn as nn
 
-from xnornet import BinConv2d, ConvBlock, FloatConv2d
+from xnornet import BinConv2d, ConvBlock, architectures
 
 #: The 2017 input size and classifier width.
 INPUT_SIZE = 227
@@ -99,11 +99,8 @@ class AlexNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-#: --arch values: the 2017 XNOR network and its float counterpart (same state_dict keys).
-ARCHITECTURES: Dict[str, Callable[..., AlexNet]] = {
-    "alexnet": lambda **kwargs: AlexNet(BinConv2d, **kwargs),
-    "alexnet_float": lambda **kwargs: AlexNet(FloatConv2d, **kwargs),
-}
+#: --arch values: alexnet (XNOR, 2017), alexnet_float (same state_dict keys), alexnet_bwn, alexnet_K.
+ARCHITECTURES: Dict[str, Callable[..., AlexNet]] = architectures("alexnet", AlexNet)
 
 
 def build_model(

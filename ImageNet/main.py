@@ -43,7 +43,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="XNOR-Net AlexNet on ImageNet (Adam, lr / 10 every --lr-epochs epochs)")
     parser.add_argument("--arch", "-a", default="alexnet", choices=sorted(ARCHITECTURES),
-                        help="alexnet = XNOR (2017), alexnet_float = float counterpart (default: alexnet)")
+                        help="alexnet = XNOR (2017), alexnet_float = float counterpart, alexnet_bwn = binary "
+                             "weights only, alexnet_K = XNOR with the activation scale K (default: alexnet)")
     parser.add_argument("--data", type=Path, default=Path("./data"), metavar="DIR",
                         help="DIR/train and DIR/val class folders, or with --caffe-data DIR/ilsvrc12_{train,val}_lmdb "
                              "and DIR/imagenet_mean.binaryproto (default: ./data)")

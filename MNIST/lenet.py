@@ -7,13 +7,12 @@ conv1 (1->20, 5x5, float) -> BN (affine=False) -> ReLU -> maxpool 2
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, Dict
 
 import torch
 import torch.nn as nn
 
-from xnornet import BinConv2d, ConvBlock, FloatConv2d
+from xnornet import BinConv2d, ConvBlock, architectures
 
 
 class LeNet_5(nn.Module):  # noqa: N801  (2017 name; also the --arch value)
@@ -37,13 +36,8 @@ class LeNet_5(nn.Module):  # noqa: N801  (2017 name; also the --arch value)
         return self.ip2(x)
 
 
-#: --arch values: the 2017 XNOR network, its float counterpart, and two variants.
-ARCHITECTURES: Dict[str, Callable[[], nn.Module]] = {
-    "LeNet_5": lambda: LeNet_5(BinConv2d),
-    "LeNet_5_float": lambda: LeNet_5(FloatConv2d),
-    "LeNet_5_bwn": lambda: LeNet_5(partial(BinConv2d, binary_activations=False)),
-    "LeNet_5_K": lambda: LeNet_5(partial(BinConv2d, activation_scale=True)),
-}
+#: --arch values: LeNet_5 (XNOR, 2017), LeNet_5_float, LeNet_5_bwn, LeNet_5_K.
+ARCHITECTURES: Dict[str, Callable[[], nn.Module]] = architectures("LeNet_5", LeNet_5)
 
 
 def build_model(arch: str) -> nn.Module:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from xnornet.cli import UserError
+from xnornet.download import torchvision_download
 
 MEAN, STD = 0.1307, 0.3081
 FILES = {
@@ -69,13 +70,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 def download(root: Path) -> None:
     """Fetch the IDX files with torchvision into ``root/MNIST/raw``."""
-    from torchvision import datasets
-
-    try:
-        for train in (True, False):
-            datasets.MNIST(str(root), train=train, download=True)
-    except Exception as err:  # network or disk errors, reported as one line
-        raise UserError(f"--download failed: {err}") from None
+    torchvision_download("MNIST", root)
 
 
 def load_mnist(root: Path, device: torch.device) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:

@@ -48,7 +48,8 @@ def test_caffe_lmdb_trains_one_epoch_with_two_workers_and_the_1e9_multiplier(tmp
     assert result["output_dir"] == str(out)
     header, epoch = read_log(out / "log.jsonl")
     assert header["args"]["caffe_data"] is True and header["args"]["workers"] == 2
-    assert header["args"]["grad_scale"] == 1e9  # what run_recipe hands to BinOp
+    # what run_recipe hands to BinOp: the 2017 factor, then 1e9 on top (notes eq. 11)
+    assert header["args"]["grad_scale"] == "2017" and header["args"]["grad_multiplier"] == 1e9
     assert epoch["epoch"] == 1 and epoch["test_count"] == 6 and "test_acc5" in epoch
 
 

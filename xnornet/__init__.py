@@ -6,9 +6,11 @@ derived in notes/notes.md.
 
 from .binarize import BinActive, bin_active, binary_sign
 from .binop import BinOp, binarize_weight, center_and_clamp, filter_alpha, legacy_grad_factor, scaled_sign_grad
-from .layers import BinConv2d, ConvBlock, FloatConv2d
+from .layers import BLOCK_VARIANTS, BinConv2d, ConvBlock, FloatConv2d, architectures
 
 __all__ = [
+    "BLOCK_VARIANTS",
+    "architectures",
     "BinActive",
     "BinConv2d",
     "BinOp",

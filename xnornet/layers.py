@@ -7,7 +7,8 @@ networks match the 2017 checkpoints.
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
+from typing import Any, Callable, Dict
 
 import torch
 import torch.nn as nn
@@ -152,3 +153,18 @@ class BinConv2d(ConvBlock):
             bias_shape = (1, -1) if self.Linear else (1, -1, 1, 1)
             out = out + layer.bias.reshape(bias_shape)
         return out
+
+
+#: The block of each network variant, by ``--arch`` suffix: XNOR as in 2017, its float
+#: counterpart, BWN (binary weights only) and XNOR with the activation scale K.
+BLOCK_VARIANTS: Dict[str, Callable[..., ConvBlock]] = {
+    "": BinConv2d,
+    "_float": FloatConv2d,
+    "_bwn": partial(BinConv2d, binary_activations=False),
+    "_K": partial(BinConv2d, activation_scale=True),
+}
+
+
+def architectures(base_name: str, network: Callable[..., nn.Module]) -> Dict[str, Callable[..., nn.Module]]:
+    """``--arch`` name -> constructor for each block variant of ``network(block, **kwargs)``."""
+    return {base_name + suffix: partial(network, block) for suffix, block in BLOCK_VARIANTS.items()}
