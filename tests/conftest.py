@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +36,26 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert len(error_lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in error_lines[0], error_lines[0]
+
+
+class ReferenceSign(torch.autograd.Function):
+    """Hand-written reference sign: forward eq. (2), +1 where x >= 0 else -1.
+
+    Backward: the weights' STE of eq. (4), 1{|x| <= 1}, when ``inclusive``; the activations'
+    STE of eq. (5), 1{|x| < 1}, otherwise. Use ``ReferenceSign.apply(x, inclusive)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, inclusive: bool) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.inclusive = inclusive
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        mask = x.abs() <= 1 if ctx.inclusive else x.abs() < 1
+        return grad * mask.to(grad.dtype), None
 
 
 @pytest.fixture

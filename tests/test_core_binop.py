@@ -17,26 +17,13 @@ from torch.func import functional_call
 
 from xnornet.binop import BinOp, center_and_clamp, legacy_grad_factor, scaled_sign_grad
 from xnornet.layers import BinConv2d, FloatConv2d
-
-
-class SignSTE(torch.autograd.Function):
-    """Reference for the weights' sign: forward eq. (2), backward the STE of eq. (4), 1{|W| <= 1}."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(weight)
-        return torch.where(weight >= 0, 1.0, -1.0).to(weight.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (weight,) = ctx.saved_tensors
-        return grad * (weight.abs() <= 1).to(grad.dtype)
+from conftest import ReferenceSign
 
 
 def surrogate_weight(weight: torch.Tensor) -> torch.Tensor:
     """alpha(W) * sign_STE(W), differentiable by autograd (alpha through |W|)."""
     alpha = weight.abs().mean(dim=tuple(range(1, weight.dim())), keepdim=True)
-    return alpha * SignSTE.apply(weight)
+    return alpha * ReferenceSign.apply(weight, True)
 
 
 def reference_grad(weight: torch.Tensor, grad_binary: torch.Tensor) -> torch.Tensor:

@@ -12,22 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from xnornet.layers import BN_SCALE_FLOOR, BinConv2d, FloatConv2d
+from conftest import ReferenceSign
+
 
 EPS = 1e-4  # the blocks' BatchNorm eps (2017 value)
-
-
-class ActSTE(torch.autograd.Function):
-    """Reference activation sign: forward eq. (2), backward eq. (5), 1{|x| < 1}."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
-        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return grad * (x.abs() < 1).to(grad.dtype)
 
 
 def eval_block(block: BinConv2d, seed: int) -> BinConv2d:
@@ -142,7 +130,7 @@ def test_eq12_k_conv_output_and_gradient_match_hand_reference(stride: int, paddi
     ref_leaf = x.clone().requires_grad_(True)
     normalized = reference_bn(block, ref_leaf)
     scale = hand_conv_scale(normalized, 3, stride, padding)
-    binary_conv = F.conv2d(ActSTE.apply(normalized), block.conv.weight, None, stride=stride, padding=padding)
+    binary_conv = F.conv2d(ReferenceSign.apply(normalized, False), block.conv.weight, None, stride=stride, padding=padding)
     assert scale.shape == (2, 1) + binary_conv.shape[2:]
     ref_out = F.relu(binary_conv * scale + block.conv.bias.reshape(1, -1, 1, 1))
     (ref_grad,) = torch.autograd.grad(ref_out, ref_leaf, upstream)
@@ -177,7 +165,7 @@ def test_eq12_k_linear_is_mean_abs_per_sample(previous_conv: bool) -> None:
     ref_leaf = x.clone().requires_grad_(True)
     normalized = reference_bn(block, ref_leaf).reshape(4, 12)
     scale = torch.stack([sum(v.abs() for v in row) / 12 for row in normalized]).reshape(4, 1)
-    ref_out = F.relu(ActSTE.apply(normalized) @ block.linear.weight.t() * scale + block.linear.bias)
+    ref_out = F.relu(ReferenceSign.apply(normalized, False) @ block.linear.weight.t() * scale + block.linear.bias)
     (ref_grad,) = torch.autograd.grad(ref_out, ref_leaf, upstream)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
