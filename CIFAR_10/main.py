@@ -22,7 +22,7 @@ from nin import ARCHITECTURES, build_model
 from xnornet.cache import CACHE_ENV, check_outside, resolve_cache_dir
 from xnornet.cli import ArgumentParser, positive_int, run_cli, setup_logging
 from xnornet.distributed import init_distributed
-from xnornet.engine import iterate_tensors
+from xnornet.engine import epoch_seed, iterate_tensors
 from xnornet.recipe import add_common_args, run_recipe
 
 RECIPE_DIR = Path(__file__).resolve().parent
@@ -96,7 +96,7 @@ def main(args: argparse.Namespace) -> dict:
 
     def train_batches(epoch: int):
         # Shuffle and augmentation depend only on (seed, epoch): a resumed run sees the same batches.
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
         transform = None
         if data.train_transform is not None:
             augment = data.train_transform

@@ -30,6 +30,7 @@ from torchvision import datasets, transforms
 from caffe_lmdb import MEAN_FILE, TRAIN_LMDB, VAL_LMDB, CaffeLMDB, read_mean
 from xnornet.cli import UserError
 from xnornet.distributed import DistInfo
+from xnornet.engine import epoch_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 STD_2017 = (1.0 / 255.0,) * 3  # as the 2017 code had it: Normalize divides by 1/255
@@ -158,6 +159,6 @@ def per_rank_batch_size(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+def rank_epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Seed of the global RNG for one epoch of one rank (dropout, augmentation, worker seeds)."""
-    return (seed * 1_000_003 + epoch) * 1_009 + rank
+    return epoch_seed(seed, epoch) * 1_009 + rank

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from alexnet import ARCHITECTURES, HIDDEN_FEATURES, INPUT_SIZE, build_model, feature_map_size, smallest_input_size
 from imagenet_data import (
-    epoch_seed,
+    rank_epoch_seed,
     load_imagenet,
     make_loaders,
     one_line_worker_errors,
@@ -128,7 +128,7 @@ def train_or_evaluate(args: argparse.Namespace, dist_info: DistInfo) -> dict:
     def train_batches(epoch: int):
         train_sampler.set_epoch(epoch)
         # Dropout, augmentation and worker seeds of this epoch depend only on (seed, epoch, rank).
-        torch.manual_seed(epoch_seed(args.seed, epoch, dist_info.rank))
+        torch.manual_seed(rank_epoch_seed(args.seed, epoch, dist_info.rank))
         return one_line_worker_errors(train_loader)
 
     def test_batches():

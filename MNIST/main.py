@@ -18,7 +18,7 @@ from lenet import ARCHITECTURES, build_model
 from mnist_data import download, load_mnist
 from xnornet.cli import ArgumentParser, positive_int, run_cli, setup_logging
 from xnornet.distributed import init_distributed
-from xnornet.engine import iterate_tensors
+from xnornet.engine import epoch_seed, iterate_tensors
 from xnornet.recipe import add_common_args, run_recipe
 
 RECIPE_DIR = Path(__file__).resolve().parent
@@ -56,7 +56,7 @@ def main(args: argparse.Namespace) -> dict:
 
     def train_batches(epoch: int):
         # The shuffle depends only on (seed, epoch): a resumed run sees the same batches.
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
         return iterate_tensors(train_images, train_labels, args.batch_size, generator=generator)
 
     def test_batches():

@@ -309,6 +309,12 @@ def fit(
     return state
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's shuffle and augmentation: a function of (seed, epoch) only,
+    so that a resumed run sees the same batches as an uninterrupted one."""
+    return seed * 1_000_003 + epoch
+
+
 def iterate_tensors(
     images: torch.Tensor,
     labels: torch.Tensor,
