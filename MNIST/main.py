@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from lenet import ARCHITECTURES, build_model
-from mnist_data import download, load_mnist
-from xnornet.cli import ArgumentParser, positive_int, run_cli, setup_logging
+from mnist_data import BACKGROUND, download, load_mnist
+from xnornet.augment import random_crop_flip
+from xnornet.cli import ArgumentParser, non_negative_int, positive_int, run_cli, setup_logging
 from xnornet.distributed import init_distributed
-from xnornet.engine import epoch_seed, iterate_tensors
+from xnornet.engine import cosine_lr_at_epoch, epoch_seed, iterate_tensors
 from xnornet.recipe import add_common_args, run_recipe
 
 RECIPE_DIR = Path(__file__).resolve().parent
@@ -26,7 +27,7 @@ LOG = logging.getLogger("xnornet")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="XNOR-Net LeNet-5 on MNIST (Adam, lr / 10 every --lr-epochs epochs)")
+    parser = ArgumentParser(description="XNOR-Net LeNet-5 on MNIST (Adam; defaults = the 2017 recipe)")
     parser.add_argument("--arch", default="LeNet_5", choices=sorted(ARCHITECTURES),
                         help="LeNet_5 = XNOR (2017), LeNet_5_float = float counterpart, LeNet_5_bwn = binary "
                              "weights only, LeNet_5_K = XNOR with the activation scale K (default: LeNet_5)")
@@ -37,6 +38,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="test batch size (default: 128)")
     parser.add_argument("--lr-epochs", type=positive_int, default=15, metavar="N",
                         help="divide the learning rate by 10 every N epochs (default: 15)")
+    parser.add_argument("--lr-schedule", choices=("step", "cosine"), default="step",
+                        help="step = lr / 10 every --lr-epochs epochs (2017); cosine = cosine decay over "
+                             "--epochs, one value per epoch (default: step)")
+    parser.add_argument("--shift", type=non_negative_int, default=0, metavar="PX",
+                        help="augment training images by a random shift of up to PX pixels in each direction "
+                             "(pad with the background and crop); 0 = none, as 2017 (default: 0)")
     parser.add_argument("--no-cuda", action="store_true", help="run on the CPU even if CUDA is available")
     add_common_args(parser, epochs=60, lr=0.01, weight_decay=1e-5, batch_size=128)
     return parser
@@ -55,9 +62,14 @@ def main(args: argparse.Namespace) -> dict:
     model = build_model(args.arch).to(dist_info.device)
 
     def train_batches(epoch: int):
-        # The shuffle depends only on (seed, epoch): a resumed run sees the same batches.
+        # Shuffle and shifts depend only on (seed, epoch): a resumed run sees the same batches.
         generator = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
-        return iterate_tensors(train_images, train_labels, args.batch_size, generator=generator)
+        transform = None
+        if args.shift:
+            def transform(batch: torch.Tensor) -> torch.Tensor:
+                return random_crop_flip(batch, padding=args.shift, generator=generator, flip=False, fill=BACKGROUND)
+
+        return iterate_tensors(train_images, train_labels, args.batch_size, generator=generator, transform=transform)
 
     def test_batches():
         return iterate_tensors(test_images, test_labels, args.test_batch_size)
@@ -69,6 +81,8 @@ def main(args: argparse.Namespace) -> dict:
         num_train_batches=-(-len(train_labels) // args.batch_size),
         test_batches=test_batches,
         milestones=list(range(args.lr_epochs, args.epochs + 1, args.lr_epochs)),
+        lr_for_epoch=(lambda epoch: cosine_lr_at_epoch(args.lr, epoch, args.epochs))
+        if args.lr_schedule == "cosine" else None,
         dist_info=dist_info,
         recipe_dir=RECIPE_DIR,
     )

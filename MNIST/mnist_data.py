@@ -68,6 +68,11 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1)
 
 
+# The normalized value of a black (0) pixel, computed the way normalize() does it, so that
+# padding a normalized image with it equals normalizing a padded image.
+BACKGROUND = float(normalize(torch.zeros(1, 1, 1, dtype=torch.uint8)))
+
+
 def download(root: Path) -> None:
     """Fetch the IDX files with torchvision into ``root/MNIST/raw``."""
     torchvision_download("MNIST", root)

@@ -18,6 +18,7 @@ def random_crop_flip(
     padding: int,
     generator: Optional[torch.Generator] = None,
     flip: bool = True,
+    fill: float = 0.0,
 ) -> torch.Tensor:
     """Random crop of each image's own size from its zero-padded copy, then a random horizontal flip.
 
@@ -25,6 +26,9 @@ def random_crop_flip(
     torchvision's ``RandomCrop(size=(H, W), padding=padding)`` followed by
     ``RandomHorizontalFlip(0.5)``. The random offsets and flips are drawn on the
     CPU from ``generator`` (so that a seeded run is reproducible on any device).
+    The padding holds ``fill``: for already-normalized images, the normalized
+    value of the background (MNIST: -mean/std), so a shifted digit sits on its
+    own background rather than on a grey border.
     """
     if images.dim() != 4:
         raise ValueError(f"expected a batch [N, C, H, W], got shape {tuple(images.shape)}")
@@ -41,7 +45,7 @@ def random_crop_flip(
     cols = torch.where(mirrored[:, None], cols.flip(1), cols)
 
     device = images.device
-    padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
+    padded = F.pad(images, (padding, padding, padding, padding), value=fill) if padding else images
     batch_index = torch.arange(n, device=device)[:, None, None, None]
     channel_index = torch.arange(channels, device=device)[None, :, None, None]
     return padded[batch_index, channel_index, rows.to(device)[:, None, :, None], cols.to(device)[:, None, None, :]]

@@ -57,6 +57,15 @@ def lr_at_epoch(base_lr: float, epoch: int, milestones: Sequence[int], gamma: fl
     return base_lr * gamma ** sum(1 for milestone in milestones if milestone <= epoch)
 
 
+def cosine_lr_at_epoch(base_lr: float, epoch: int, epochs: int) -> float:
+    """Cosine decay per epoch: ``base_lr * (1 + cos(pi * (epoch - 1) / epochs)) / 2``.
+
+    Epoch 1 trains at ``base_lr``; the last epoch at ``base_lr * (1 + cos(pi * (epochs - 1) / epochs)) / 2``,
+    a small but non-zero rate, so every epoch still learns.
+    """
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -94,12 +94,14 @@ def run_recipe(
     amp_dtype: Optional[torch.dtype] = None,
     train_model: Optional[nn.Module] = None,
     start_epoch: Optional[int] = None,
+    lr_for_epoch: Optional[Callable[[int], float]] = None,
 ) -> Dict[str, Any]:
     """Evaluate (``--evaluate``) or train with checkpoints, resume and JSON logs.
 
     ``model`` is the bare network; ``train_model`` an optional wrapper of it
     (DistributedDataParallel) used for the training forward pass.
     ``start_epoch`` (1-based) overrides the epoch to train first, e.g. after ``--resume``.
+    ``lr_for_epoch`` replaces the step schedule (lr / 10 at each of ``milestones``).
     Returns the final metrics (evaluation results, or the last epoch's state).
     """
     if args.resume and args.pretrained:
@@ -149,7 +151,8 @@ def run_recipe(
     state = fit(
         model=train_model, bin_op=bin_op, optimizer=optimizer, criterion=criterion,
         train_batches=train_batches, num_train_batches=num_train_batches, test_batches=test_batches,
-        epochs=args.epochs, lr_for_epoch=lambda epoch: lr_at_epoch(args.lr, epoch, milestones),
+        epochs=args.epochs,
+        lr_for_epoch=lr_for_epoch or (lambda epoch: lr_at_epoch(args.lr, epoch, milestones)),
         state=state, output_dir=output_dir, arch=args.arch, args=vars(args), dist_info=dist_info,
         log_interval=args.log_interval, topk=topk, amp_dtype=amp_dtype,
     )
