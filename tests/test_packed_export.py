@@ -50,7 +50,7 @@ def test_export_cli_writes_a_pickle_free_file_20x_smaller(tmp_path: Path) -> Non
         metadata = handle.metadata()
         bits = handle.get_tensor("bin_ip1.weight_bits")
     assert metadata["format"] == FORMAT_NAME and metadata["version"] == str(FORMAT_VERSION)
-    assert metadata["arch"] == "LeNet_5" and json.loads(metadata["blocks"])["bin_conv2"]["kernel_size"] == 5
+    assert metadata["arch"] == "LeNet_5" and json.loads(metadata["blocks"])["bin_conv2"] == "xnor conv 20->50 k5 s1 p0 g1"
     assert bits.dtype == np.uint64 and bits.size == 400_000 // 64
 
     float32_bytes = 4 * sum(v.numel() for k, v in model.state_dict().items() if "num_batches" not in k)
@@ -62,7 +62,8 @@ def test_export_cli_writes_a_pickle_free_file_20x_smaller(tmp_path: Path) -> Non
         assert torch.equal(loaded(x), pack_model(model)(x))
 
 
-@pytest.mark.parametrize("arch, model_args", [("nin_K", {}), ("alexnet", {"input_size": 67, "hidden_features": 32})])
+@pytest.mark.parametrize("arch, model_args", [("nin", {}), ("nin_K", {}),
+                                              ("alexnet", {"input_size": 67, "hidden_features": 32})])
 def test_saved_files_rebuild_the_same_packed_model(tmp_path: Path, arch: str, model_args: dict) -> None:
     torch.manual_seed(1)
     model = build_arch(arch, model_args).eval()
@@ -101,6 +102,23 @@ def test_bad_packed_files_are_one_line_user_errors(tmp_path: Path) -> None:
         load_packed(tmp_path / "partial.xnor")
     with pytest.raises(UserError, match="unknown architecture"):
         build_arch("ResNet_18")
+
+    # A fusion plan that names layers the architecture does not have, or is not JSON.
+    nin = build_arch("nin").eval()
+    save_packed(pack_model(nin), tmp_path / "nin.xnor", arch="nin")
+    arrays, metadata = read_packed(tmp_path / "nin.xnor")
+    plan = json.loads(metadata["fusion"])
+    plan["bit_pools"] = {"xnor.99": 1}
+    save_file(arrays, str(tmp_path / "plan.xnor"), metadata={**metadata, "fusion": json.dumps(plan)})
+    with pytest.raises(UserError, match="fusion plan does not fit nin"):
+        load_packed(tmp_path / "plan.xnor")
+    save_file(arrays, str(tmp_path / "plan2.xnor"), metadata={**metadata, "fusion": "{"})
+    with pytest.raises(UserError, match="unreadable metadata"):
+        load_packed(tmp_path / "plan2.xnor")
+    del arrays["xnor.3.output_limit"]
+    save_file(arrays, str(tmp_path / "limits.xnor"), metadata=metadata)
+    with pytest.raises(UserError, match="xnor.3 is incomplete or malformed"):
+        load_packed(tmp_path / "limits.xnor")
 
 
 def test_export_needs_an_architecture(tmp_path: Path) -> None:

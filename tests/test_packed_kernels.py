@@ -115,8 +115,21 @@ def test_xnor_conv_gives_the_exact_integer_dot_product(shape, batch: int) -> Non
     offsets = padding_offsets(tap_ones, cin // groups, height, width, k, stride, padding)
     out = np.empty((batch, *expected.shape[2:], cout), np.float32)
     kernels.xnor_conv(packed_nchw, weight, offsets, stride, k, k, np.ones(cout, np.float32),
-                      np.full(cout, shift, np.float32), kernels.empty_scale(), out)
+                      np.full(cout, shift, np.float32), kernels.empty_scale(), out, *kernels.no_bit_output(), 0)
     assert torch.equal(torch.from_numpy(out).permute(0, 3, 1, 2) - shift, expected)
+
+    if groups == 1:
+        # Bit output: the next block's signs dot >= limit, packed with the next block's padding ring.
+        limits = torch.randint(-cin * k * k - 1, cin * k * k + 2, (cout,), generator=generator).to(torch.int32)
+        ring = 1
+        bits = np.zeros((batch, out.shape[1] + 2 * ring, out.shape[2] + 2 * ring, 1, words_for(cout)), np.int64)
+        kernels.xnor_conv(packed_nchw, weight, offsets, stride, k, k, np.empty(0, np.float32),
+                          np.empty(0, np.float32), kernels.empty_scale(), np.empty(out.shape[:3] + (0,), np.float32),
+                          limits.numpy(), bits, ring)
+        reference = np.zeros_like(bits)
+        kernels.pack_nchw((expected >= limits.reshape(1, -1, 1, 1).float()).float().numpy(),
+                          np.full(cout, 0.5, np.float32), 1, ring, reference)
+        np.testing.assert_array_equal(bits, reference)
 
 
 def simulated(block: BinConv2d, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from xnornet import BinConv2d, BinOp
 from xnornet.cli import UserError
 from xnornet.packed import PackedBinConv2d, pack_for_evaluation, pack_model
 from xnornet.packed.archs import build_arch
+from xnornet.packed.engine import PackedMaxPool2d
 
 from test_packed_kernels import randomize_batchnorm
 
@@ -61,15 +62,25 @@ def test_packed_network_equals_the_simulated_network(arch, model_args, shape) ->
 
 
 def test_blocks_are_replaced_by_type_and_every_other_layer_stays_float() -> None:
+    """Blocks become packed modules; other layers stay as they were unless the fusion plan names them."""
     model = network("nin", {}, seed=0)
     packed = pack_model(model)
+    plan = packed.fusion_plan
+    folded = {name for chain in plan.folded.values() for name in chain} | set(plan.float_folds)
+    changed = folded | set(plan.bit_pools) | set(plan.float_folds.values())
+    assert folded == {"xnor.1", "xnor.2", "xnor.12"} and set(plan.bit_pools) == {"xnor.5"}
     blocks = {name for name, module in model.named_modules() if isinstance(module, BinConv2d)}
     for name, module in model.named_modules():
         if name in blocks:
             assert isinstance(packed.get_submodule(name), PackedBinConv2d)
+        elif name in folded:
+            assert isinstance(packed.get_submodule(name), nn.Identity), name
+        elif name in plan.bit_pools:
+            assert isinstance(packed.get_submodule(name), PackedMaxPool2d), name
         elif not any(name.startswith(block + ".") for block in blocks):
             assert type(packed.get_submodule(name)) is type(module), name
-    float_keys = [key for key in model.state_dict() if not any(key.startswith(b + ".") for b in blocks)]
+    float_keys = [key for key in model.state_dict()
+                  if not any(key.startswith(prefix + ".") for prefix in blocks | changed)]
     assert float_keys and all(torch.equal(packed.state_dict()[k], model.state_dict()[k]) for k in float_keys)
 
 

@@ -5,13 +5,16 @@ safetensors (a flat header of JSON, then raw little-endian arrays) holds:
 - every float tensor of the non-binarized layers under its state_dict key
   (``conv1.weight``, ``xnor.1.running_mean``, ...; ``num_batches_tracked`` is left out);
 - per binarized block ``NAME``: ``NAME.weight_bits`` (uint64, the dense sign bits of
-  :mod:`~xnornet.packed.pack`), ``NAME.alpha`` and ``NAME.bias`` (float32 [O]) and
-  ``NAME.threshold`` (float32, the exact sign thresholds; XNOR blocks) or the
-  block's BatchNorm ``NAME.bn.*`` (blocks with the activation scale K, BWN blocks).
+  :mod:`~xnornet.packed.pack`); ``NAME.alpha`` and ``NAME.bias`` (float32 [O]), or
+  ``NAME.output_limit`` (int16/int32 [O]) for a block that emits the next block's
+  sign bits; ``NAME.threshold`` (float32, the exact sign thresholds; XNOR blocks
+  fed a tensor) or the block's BatchNorm ``NAME.bn.*`` (blocks with the activation
+  scale K, BWN blocks). Modules folded into a block's thresholds store nothing.
 
 The string metadata holds ``format`` (``xnornet-packed``), ``version``, ``arch``,
 ``model_args`` (JSON keyword arguments of the architecture constructor),
-``blocks`` (JSON: each block's :class:`~xnornet.packed.engine.BlockConfig`), and
+``blocks`` (JSON: each block's :meth:`~xnornet.packed.engine.BlockConfig.signature`), ``fusion``
+(JSON: the :class:`~xnornet.packed.engine.FusionPlan`), and
 free-form provenance (``source``, ``claimed_acc``).
 """
 
@@ -30,10 +33,19 @@ from ..atomic import atomic_file
 from ..cli import UserError
 from ..layers import BinConv2d
 from .archs import build_arch
-from .engine import XNOR, BlockConfig, PackedBinConv2d, replace_module
+from .engine import (
+    XNOR,
+    BlockConfig,
+    FusionPlan,
+    PackedBinConv2d,
+    apply_fusion,
+    prefer_channels_last,
+    replace_module,
+)
 
 FORMAT_NAME = "xnornet-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+COMPACT = (",", ":")  # JSON without spaces: the header counts in the file size
 
 PathLike = Union[str, os.PathLike]
 
@@ -69,7 +81,8 @@ def save_packed(
         "version": str(FORMAT_VERSION),
         "arch": arch,
         "model_args": json.dumps(dict(model_args or {}), sort_keys=True),
-        "blocks": json.dumps({name: block.config.to_dict() for name, block in blocks.items()}),
+        "blocks": json.dumps({name: block.config.signature() for name, block in blocks.items()}, separators=COMPACT),
+        "fusion": json.dumps(getattr(model, "fusion_plan", FusionPlan({}, {}, {}, {})).to_dict(), separators=COMPACT),
         "bit_order": "sign +1 = bit 1; bit i of the flattened [O, C/groups, KH, KW] signs = bit i%64 of word i//64",
     }
     metadata.update({key: str(value) for key, value in (extra or {}).items()})
@@ -107,7 +120,8 @@ def load_packed(path: PathLike) -> Tuple[nn.Module, Dict[str, str]]:
         block_configs = json.loads(metadata["blocks"])
         model_args = json.loads(metadata.get("model_args", "{}"))
         arch = metadata["arch"]
-    except (KeyError, ValueError) as err:
+        plan = FusionPlan(**json.loads(metadata["fusion"]))
+    except (KeyError, ValueError, TypeError) as err:
         raise UserError(f"{source} has unreadable metadata ({err})") from None
     model = build_arch(arch, model_args).eval()
     found = {name: module for name, module in model.named_modules() if isinstance(module, BinConv2d)}
@@ -118,19 +132,28 @@ def load_packed(path: PathLike) -> Tuple[nn.Module, Dict[str, str]]:
                for key, array in arrays.items()}
     for name, block in found.items():
         config = BlockConfig.from_block(block)
-        if config.to_dict() != block_configs[name]:
-            raise UserError(f"{source}: block {name} is {block_configs[name]}, the model has {config.to_dict()}")
+        if config.signature() != block_configs[name]:
+            raise UserError(f"{source}: block {name} is '{block_configs[name]}', the model has '{config.signature()}'")
+        fed_bits = any(consumer == name for consumer, _ in plan.bit_outputs.values())
         try:
             packed = PackedBinConv2d(
-                config, tensors[f"{name}.weight_bits"], tensors[f"{name}.alpha"], tensors[f"{name}.bias"],
-                threshold=tensors.get(f"{name}.threshold") if config.kind == XNOR else None,
+                config, tensors[f"{name}.weight_bits"], tensors.get(f"{name}.alpha"), tensors.get(f"{name}.bias"),
+                threshold=tensors.get(f"{name}.threshold") if config.kind == XNOR and not fed_bits else None,
                 bn=None if config.kind == XNOR else block.bn,
+                output_limit=tensors.get(f"{name}.output_limit"),
+                output_padding=int(plan.bit_outputs[name][1]) if name in plan.bit_outputs else None,
+                bit_input=fed_bits,
             )
         except (KeyError, ValueError) as err:
             raise UserError(f"{source}: block {name} is incomplete or malformed ({err})") from None
         replace_module(model, name, packed)
+    try:
+        apply_fusion(model, plan)
+    except (AttributeError, ValueError, TypeError) as err:
+        raise UserError(f"{source}: its fusion plan does not fit {arch} ({err})") from None
+    model.fusion_plan = plan
     _load_float_state(model, tensors, source)
-    return model.eval(), metadata
+    return prefer_channels_last(model).eval(), metadata
 
 
 def _load_float_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:

@@ -121,11 +121,20 @@ def _pack_nchw(x, threshold, groups, padding, out):  # pragma: no cover  (compil
                     dst[g, k] = row_words[g * words + k, w]
 
 
-def _xnor_conv(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out):  # pragma: no cover
+def _xnor_conv(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
+               limit, out_bits, out_padding):  # pragma: no cover  (compiled)
     """``out = relu(alpha * dot * scale + bias)``, ``dot`` the XNOR-popcount convolution (module docstring).
 
     ``scale`` [N, Ho, Wo] float32 is the activation scale K (eq. 12), or an empty
-    array for none. Each parallel job computes one output row for one block of
+    array for none.
+
+    Bit output instead (``limit`` non-empty, int32 [O]): the sign bits of the next
+    block, ``dot >= limit[o]``, written packed into ``out_bits``
+    ``[N, Ho + 2 out_padding, Wo + 2 out_padding, 1, ceil(O / 64)]`` (its padding
+    ring untouched); ``out`` is then only read for its shape, ``[N, Ho, Wo, 0]``.
+    Output blocks must start at multiples of 64 (one job owns each word).
+
+    Each parallel job computes one output row for one block of
     output channels, two positions at a time (each weight word is loaded once
     for both) and four reduction words at a time (one accumulator update per
     four popcounts); the inner loop runs over contiguous output channels, which
@@ -134,7 +143,9 @@ def _xnor_conv(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale
     """
     n_batch, _, _, groups, words = x.shape
     blocks, reduction, block = weight.shape[1], weight.shape[2], weight.shape[3]
-    out_h, out_w, out_channels = out.shape[1], out.shape[2], out.shape[3]
+    emit_bits = limit.size > 0
+    out_h, out_w = out.shape[1], out.shape[2]
+    out_channels = limit.size if emit_bits else out.shape[3]
     per_group = out_channels // groups
     per_position_offset = offset.shape[0] > 1
     has_scale = scale.size > 0
@@ -152,6 +163,10 @@ def _xnor_conv(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale
         # One 2-D array each (not one per position): LLVM then needs a single alias check to vectorize.
         acc = np.zeros((2, block), np.int64)
         values = np.zeros((2, reduction), np.int64)  # the rounding-up tail stays 0
+        limits = limit[first:stop]  # empty slices in the mode that does not use them
+        # Flag bytes of this job's channels, rounded up to whole words (the tail stays 0).
+        flags = np.zeros(((stop - first + WORD_BITS - 1) // WORD_BITS * WORD_BITS) if emit_bits else 0, np.uint8)
+        flag_words = flags.view(np.int64)
         alphas, biases = alpha[first:stop], bias[first:stop]
         for ox0 in range(0, out_w, 2):
             ox1 = min(ox0 + 1, out_w - 1)  # an odd last position is computed twice, written once
@@ -181,12 +196,52 @@ def _xnor_conv(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale
                     break
                 # Contiguous slices and max(): this loop vectorizes (per-element indexing did not).
                 positions = offset[oy if per_position_offset else 0, ox if per_position_offset else 0, first:stop]
-                factor = scale[n, oy, ox] if has_scale else np.float32(1.0)
                 ones = acc[which]
+                if emit_bits:
+                    for o in range(stop - first):  # one flag byte per channel (vectorizes)
+                        flags[o] = positions[o] - 2 * ones[o] >= limits[o]
+                    dst_words = out_bits[n, oy + out_padding, ox + out_padding, 0]
+                    for k in range(flag_words.size // 8):  # 64 flag bytes -> one word, 8 at a time
+                        word = np.int64(0)
+                        for byte in range(8):
+                            gathered = (flag_words[k * 8 + byte] * BYTES_TO_BITS) >> 56
+                            word |= (gathered & 0xFF) << (8 * byte)
+                        dst_words[first // WORD_BITS + k] = word
+                    continue
+                factor = scale[n, oy, ox] if has_scale else np.float32(1.0)
                 dst = out[n, oy, ox, first:stop]
                 for o in range(stop - first):
                     value = alphas[o] * np.float32(positions[o] - 2 * ones[o]) * factor + biases[o]
                     dst[o] = max(value, np.float32(0.0))
+
+
+def _maxpool_bits(x, kernel, stride, padding, out, out_padding):  # pragma: no cover  (compiled)
+    """Max pooling of sign bits: the OR of each window's words (a max of 0/1 values).
+
+    ``x`` [N, H, W, G, CW] without a padding ring; ``out`` [N, Ho + 2 out_padding,
+    Wo + 2 out_padding, G, CW] with a zero ring. Window positions outside the input
+    are skipped, as PyTorch's max pooling pads with -inf.
+    """
+    n_batch, height, width, groups, words = x.shape
+    out_h = out.shape[1] - 2 * out_padding
+    out_w = out.shape[2] - 2 * out_padding
+    for job in prange(n_batch * out_h):
+        n = job // out_h
+        oy = job - n * out_h
+        for ox in range(out_w):
+            dst = out[n, oy + out_padding, ox + out_padding]
+            for ky in range(kernel):
+                iy = oy * stride - padding + ky
+                if iy < 0 or iy >= height:
+                    continue
+                for kx in range(kernel):
+                    ix = ox * stride - padding + kx
+                    if ix < 0 or ix >= width:
+                        continue
+                    src = x[n, iy, ix]
+                    for g in range(groups):
+                        for k in range(words):
+                            dst[g, k] |= src[g, k]
 
 
 def _renamed(function: Callable, suffix: str) -> Callable:
@@ -224,6 +279,8 @@ pack_nhwc = Kernel(_pack_nhwc, serial_below=50_000)
 pack_nchw = Kernel(_pack_nchw, serial_below=50_000)
 #: work = 64-bit word operations; the serial build does about ten per nanosecond.
 xnor_conv = Kernel(_xnor_conv, serial_below=500_000)
+#: work = words read.
+maxpool_bits = Kernel(_maxpool_bits, serial_below=50_000)
 
 
 def sync_threads(threads: int) -> None:
@@ -242,3 +299,8 @@ def threading_layer() -> str:
 def empty_scale() -> np.ndarray:
     """The ``scale`` argument of :func:`xnor_conv` meaning "no activation scale"."""
     return np.empty((0, 0, 0), np.float32)
+
+
+def no_bit_output() -> tuple:
+    """The ``limit, out_bits`` arguments of :func:`xnor_conv` meaning "float output"."""
+    return np.empty(0, np.int32), np.empty((0, 0, 0, 0, 0), np.int64)

@@ -15,7 +15,7 @@ kernels (:mod:`xnornet.packed.kernels`) is rebuilt from it at load time.
 from __future__ import annotations
 
 import copy
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -59,10 +59,14 @@ def unpack_dense(words: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
 
 
 def output_blocks(per_group_out: int) -> Tuple[int, int]:
-    """(blocks, block width): output channels cut into blocks of at most 256, widths a multiple of 8."""
+    """(blocks, block width): output channels cut into blocks of at most 256.
+
+    Widths are a multiple of 8 (vectorized loops), and of 64 when there are
+    several blocks, so that each block of a bit-emitting kernel owns whole words.
+    """
     blocks = -(-per_group_out // 256)
     width = -(-per_group_out // blocks)
-    return blocks, -(-width // 8) * 8
+    return blocks, -(-width // (8 if blocks == 1 else WORD_BITS)) * (8 if blocks == 1 else WORD_BITS)
 
 
 def runtime_weight(signs: np.ndarray, groups: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -124,16 +128,17 @@ def _from_keys(keys: np.ndarray) -> np.ndarray:
     return bits.view(np.float32)
 
 
-def _positive_after_bn(bn: nn.Module, values: np.ndarray, layout: str = "small") -> np.ndarray:
-    """Per channel ``c``: ``bn(values[c]) >= 0``, the value repeated over an input of ``layout``.
+def _positive_after(fn: nn.Module, values: np.ndarray, spatial: bool, layout: str = "small") -> np.ndarray:
+    """Per channel ``c``: ``fn(values[c]) >= 0``, the value repeated over an input of ``layout``.
 
-    ``layout``: "small" (one element per channel), "batch" (several samples and
-    positions) or "channels_last" (the same in channels-last memory). Raises when
-    equal inputs of one channel give different signs.
+    ``spatial``: ``fn`` takes ``[N, C, H, W]`` (else ``[N, C]``). ``layout``: "small"
+    (one element per channel), "batch" (several samples and positions) or
+    "channels_last" (the same in channels-last memory). Raises when equal inputs
+    of one channel give different signs.
     """
     channels = values.shape[0]
     column = torch.from_numpy(values.astype(np.float32))
-    if isinstance(bn, nn.BatchNorm2d):
+    if spatial:
         shape = (1, channels, 1, 1) if layout == "small" else (3, channels, 4, 5)
         source = column.reshape(1, channels, 1, 1).expand(shape)
         memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -141,7 +146,7 @@ def _positive_after_bn(bn: nn.Module, values: np.ndarray, layout: str = "small")
     else:
         source = column.reshape(1, channels).expand(1 if layout == "small" else 5, channels).contiguous()
     with torch.no_grad():
-        positive = (bn(source) >= 0).transpose(0, 1).reshape(channels, -1)
+        positive = (fn(source) >= 0).transpose(0, 1).reshape(channels, -1)
     if not bool((positive.all(dim=1) | ~positive.any(dim=1)).all()):
         raise RuntimeError("BatchNorm gave different results for equal inputs: no exact sign threshold exists")
     return positive[:, 0].numpy()
@@ -155,7 +160,7 @@ def clamped_batchnorm(bn: nn.Module) -> nn.Module:
     return bn
 
 
-def sign_thresholds(bn: nn.Module) -> np.ndarray:
+def sign_thresholds(bn: nn.Module, channels: Optional[int] = None, spatial: Optional[bool] = None) -> np.ndarray:
     """Per channel, the smallest float32 ``t`` with ``bn(t) >= 0`` (``bn`` evaluated by PyTorch itself).
 
     ``bn`` must already be clamped (:func:`clamped_batchnorm`): with a positive
@@ -165,26 +170,68 @@ def sign_thresholds(bn: nn.Module) -> np.ndarray:
     layouts, so the comparison reproduces the float simulation bit for bit (a
     threshold derived by algebra, ``mean - beta * std / gamma``, can be off by one
     rounding step).
+
+    ``bn`` may be any per-channel non-decreasing module (e.g. a Sequential of
+    BatchNorm with a non-negative scale, ReLU and a block's clamped BatchNorm);
+    then give its ``channels`` and whether it takes ``[N, C, H, W]`` (``spatial``).
     """
-    channels = bn.num_features
+    channels = bn.num_features if channels is None else channels
+    spatial = isinstance(bn, nn.BatchNorm2d) if spatial is None else spatial
     low = np.full(channels, _ordered_keys(np.array([-np.inf], np.float32))[0])
     high = np.full(channels, _ordered_keys(np.array([np.inf], np.float32))[0])
     # Invariant: bn(value(high)) >= 0 and, unless low is -inf, bn(value(low)) < 0.
-    low_positive = _positive_after_bn(bn, _from_keys(low))
+    low_positive = _positive_after(bn, _from_keys(low), spatial)
     while True:
         open_interval = (high - low > 1) & ~low_positive
         if not open_interval.any():
             break
         middle = np.where(open_interval, low + (high - low) // 2, high)
-        positive = _positive_after_bn(bn, _from_keys(middle))
+        positive = _positive_after(bn, _from_keys(middle), spatial)
         high = np.where(open_interval & positive, middle, high)
         low = np.where(open_interval & ~positive, middle, low)
     keys = np.where(low_positive, low, high)
     thresholds = _from_keys(keys)
     below = _from_keys(keys - 1)
     for layout in ("small", "batch", "channels_last"):
-        if not _positive_after_bn(bn, thresholds, layout).all() or (
-            _positive_after_bn(bn, below, layout) & ~low_positive
+        if not _positive_after(bn, thresholds, spatial, layout).all() or (
+            _positive_after(bn, below, spatial, layout) & ~low_positive
         ).any():
             raise RuntimeError(f"BatchNorm threshold search is inconsistent in the {layout!r} layout")
     return thresholds
+
+
+def integer_limits(alpha: np.ndarray, bias: np.ndarray, threshold: np.ndarray, reduction: int) -> np.ndarray:
+    """Fold a block's output and the next block's sign into one integer per channel.
+
+    A block outputs ``relu(alpha * dot + bias)``, computed in float32 exactly as
+    the kernel does; the next block's bit is ``output >= threshold`` (its exact
+    sign threshold). For ``alpha >= 0`` that is non-decreasing in the integer
+    ``dot`` (``|dot| <= reduction``), so the bit is ``dot >= limit``: the smallest
+    such ``dot``, found by bisection (``reduction + 1`` when no ``dot`` gives +1).
+    A max pool between the blocks keeps this exact: the max of bits is the bit of the max.
+    """
+    alpha, bias = alpha.astype(np.float32), bias.astype(np.float32)
+    threshold = threshold.astype(np.float32)
+    if (alpha < 0).any():
+        raise ValueError("a negative alpha: the block output is not monotone in dot")
+
+    def positive(dot: np.ndarray) -> np.ndarray:
+        value = alpha * dot.astype(np.float32) + bias  # the kernel's float32 expression, factor 1
+        return np.maximum(value, np.float32(0.0)) >= threshold
+
+    low = np.full(alpha.shape, -reduction - 1, np.int64)  # bit(low) is 0, or low is below every dot
+    high = np.full(alpha.shape, reduction + 1, np.int64)  # bit(high) is 1, or high is above every dot
+    while True:
+        open_interval = high - low > 1
+        if not open_interval.any():
+            break
+        middle = np.where(open_interval, (low + high) // 2, high)
+        is_positive = positive(middle)
+        high = np.where(open_interval & is_positive, middle, high)
+        low = np.where(open_interval & ~is_positive, middle, low)
+    limits = np.maximum(high, -reduction)
+    inside = limits <= reduction
+    if not (positive(np.where(inside, limits, reduction)) | ~inside).all() or (
+            positive(limits - 1) & (limits > -reduction)).any():
+        raise RuntimeError("integer threshold search is inconsistent")
+    return limits
