@@ -201,8 +201,13 @@ class PackedBinConv2d(nn.Module):
                 np.repeat(channel_thresholds, config.size) if config.linear and config.previous_conv
                 else channel_thresholds
             )
+            # The kernels' numpy arguments, made once (per-call conversions cost as much as a small kernel).
+            self._no_limit_array, self._no_bits = kernels.no_bit_output()
             self._limit = (self.output_limit.numpy().astype(np.int32) if output_limit is not None
-                           else kernels.no_bit_output()[0])
+                           else self._no_limit_array)
+            self._no_floats, self._no_scale = np.empty(0, np.float32), kernels.empty_scale()
+            self._alpha = self.alpha.numpy() if hasattr(self, "alpha") else self._no_floats
+            self._bias = self.bias.numpy() if hasattr(self, "bias") else self._no_floats
         self.eval()
 
     def state(self) -> Dict[str, object]:
@@ -246,10 +251,10 @@ class PackedBinConv2d(nn.Module):
                 x = self.bn(x)  # K needs the float BatchNorm output; its sign is then taken at 0
                 # One implementation of eq. (12): the block's own method, on this module's attributes.
                 scale = BinConv2d.scale_map(self, x)  # type: ignore[arg-type]
-            kernels.sync_threads(torch.get_num_threads())
+            threads = torch.get_num_threads()  # the kernels follow PyTorch's thread count
             if isinstance(x, PackedActivations):
-                return self._xnor(self._check_bits(x), scale, x.shape[0])
-            return self._xnor(self._pack_input(x), scale, x.shape[0])
+                return self._xnor(self._check_bits(x), scale, x.shape[0], threads)
+            return self._xnor(self._pack_input(x, threads), scale, x.shape[0], threads)
 
     def _check_bits(self, x: PackedActivations) -> np.ndarray:
         c = self.config
@@ -261,7 +266,7 @@ class PackedBinConv2d(nn.Module):
             return x.words.reshape(1, 1, -1, 1, words)
         return x.words
 
-    def _pack_input(self, x: torch.Tensor) -> np.ndarray:
+    def _pack_input(self, x: torch.Tensor, threads: int) -> np.ndarray:
         """Sign bits of ``x`` (``x >= threshold``), zero-padded: ``[N, H + 2p, W + 2p, G, CW]``.
 
         A linear block is a 1x1 convolution over a ``1 x N`` image of feature vectors.
@@ -278,14 +283,15 @@ class PackedBinConv2d(nn.Module):
         packed = np.zeros((n_batch, height + 2 * c.padding, width + 2 * c.padding, c.groups, words), np.int64)
         nhwc = x.permute(0, 2, 3, 1)
         if nhwc.is_contiguous():  # channels-last memory, as packed blocks return
-            kernels.pack_nhwc(nhwc.numpy(), self._feature_thresholds, c.groups, c.padding, packed, work=x.numel())
+            kernels.pack_nhwc(nhwc.numpy(), self._feature_thresholds, c.groups, c.padding, packed, work=x.numel(),
+                              threads=threads)
         else:
             kernels.pack_nchw(x.contiguous().numpy(), self._feature_thresholds, c.groups, c.padding, packed,
-                              work=x.numel())
+                              work=x.numel(), threads=threads)
         return packed
 
-    def _xnor(self, packed: np.ndarray, scale: Optional[torch.Tensor],
-              n_batch: int) -> Union[torch.Tensor, PackedActivations]:
+    def _xnor(self, packed: np.ndarray, scale: Optional[torch.Tensor], n_batch: int,
+              threads: int) -> Union[torch.Tensor, PackedActivations]:
         """``relu(alpha * dot * K + bias)`` from packed inputs, as a channels-last NCHW tensor (or [N, O]);
         or, for a bit-emitting block, the next block's sign bits."""
         c = self.config
@@ -300,21 +306,19 @@ class PackedBinConv2d(nn.Module):
             ring = self.output_padding
             bits = np.zeros((packed.shape[0], out_h + 2 * ring, out_w + 2 * ring, 1, words_for(c.output_channels)),
                             np.int64)
-            no_floats = np.empty(0, np.float32)
             shape_only = np.empty((packed.shape[0], out_h, out_w, 0), np.float32)
             kernels.xnor_conv(packed, self._kernel_weight, offsets, c.stride, c.kernel_size, c.kernel_size,
-                              no_floats, no_floats, kernels.empty_scale(), shape_only, self._limit, bits, ring,
-                              work=work)
+                              self._no_floats, self._no_floats, self._no_scale, shape_only, self._limit, bits, ring,
+                              work=work, threads=threads)
             if c.linear:  # back from the 1 x N image to one feature vector per sample
                 bits = bits.reshape(n_batch, 1, 1, 1, -1)
             return PackedActivations(bits, ring, c.output_channels)
         out = np.empty((packed.shape[0], out_h, out_w, c.output_channels), np.float32)
-        scale_array = kernels.empty_scale() if scale is None else np.ascontiguousarray(
+        scale_array = self._no_scale if scale is None else np.ascontiguousarray(
             scale.float().numpy()).reshape(packed.shape[0], out_h, out_w)
-        no_limit, no_bits = kernels.no_bit_output()
         kernels.xnor_conv(packed, self._kernel_weight, offsets, c.stride,
-                          c.kernel_size, c.kernel_size, self.alpha.numpy(), self.bias.numpy(), scale_array, out,
-                          no_limit, no_bits, 0, work=work)
+                          c.kernel_size, c.kernel_size, self._alpha, self._bias, scale_array, out,
+                          self._limit, self._no_bits, 0, work=work, threads=threads)
         result = torch.from_numpy(out)
         if c.linear:
             return result.reshape(n_batch, c.output_channels)
@@ -361,8 +365,8 @@ class PackedMaxPool2d(nn.MaxPool2d):
         source = x.words[:, x.padding:x.padding + height, x.padding:x.padding + width]
         ring = self.output_padding
         out = np.zeros((n_batch, out_h + 2 * ring, out_w + 2 * ring) + x.words.shape[3:], np.int64)
-        kernels.sync_threads(torch.get_num_threads())
-        kernels.maxpool_bits(np.ascontiguousarray(source), kernel, stride, padding, out, ring, work=out.size * kernel)
+        kernels.maxpool_bits(np.ascontiguousarray(source), kernel, stride, padding, out, ring,
+                             work=out.size * kernel, threads=torch.get_num_threads())
         return PackedActivations(out, ring, channels)
 
     def extra_repr(self) -> str:

@@ -267,8 +267,18 @@ class Kernel:
         self.serial_below = serial_below
         self.__doc__ = function.__doc__
 
-    def __call__(self, *args: Any, work: Optional[int] = None) -> None:
-        if numba.get_num_threads() == 1 or (work is not None and work < self.serial_below):
+    def __call__(self, *args: Any, work: Optional[int] = None, threads: Optional[int] = None) -> None:
+        """Run on ``threads`` threads (default: numba's current count); serial for one or for small work.
+
+        Only the parallel path asks numba for its thread count (that query costs
+        microseconds, as much as a small layer's whole kernel).
+        """
+        if threads == 1 or (work is not None and work < self.serial_below):
+            self.serial(*args)
+            return
+        if threads is not None:
+            sync_threads(threads)
+        if numba.get_num_threads() == 1:
             self.serial(*args)
         else:
             self.parallel(*args)
@@ -285,7 +295,9 @@ maxpool_bits = Kernel(_maxpool_bits, serial_below=50_000)
 
 def sync_threads(threads: int) -> None:
     """Run numba's parallel loops on ``threads`` threads (at most NUMBA_NUM_THREADS)."""
-    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
 
 
 def threading_layer() -> str:
