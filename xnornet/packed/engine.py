@@ -554,14 +554,7 @@ def pack_model(model: nn.Module, fuse: bool = True) -> nn.Module:
             replace_module(packed, name, PackedBinConv2d.from_block(module))
     packed.fusion_plan = plan_fusion(packed) if fuse else FusionPlan({}, {}, {}, {})
     apply_fusion(packed, packed.fusion_plan, source)
-    return prefer_channels_last(packed).eval()
-
-
-def prefer_channels_last(model: nn.Module) -> nn.Module:
-    """Float conv weights in channels-last memory: oneDNN then computes and returns channels-last
-    maps (the first layers run ~1.5x faster here) and the next packed block reads them without a
-    transposition. Values are unchanged; convolution outputs may differ in float rounding."""
-    return model.to(memory_format=torch.channels_last)
+    return packed.eval()
 
 
 def pack_for_evaluation(model: nn.Module, device: torch.device) -> nn.Module:

@@ -39,7 +39,6 @@ from .engine import (
     FusionPlan,
     PackedBinConv2d,
     apply_fusion,
-    prefer_channels_last,
     replace_module,
 )
 
@@ -153,7 +152,7 @@ def load_packed(path: PathLike) -> Tuple[nn.Module, Dict[str, str]]:
         raise UserError(f"{source}: its fusion plan does not fit {arch} ({err})") from None
     model.fusion_plan = plan
     _load_float_state(model, tensors, source)
-    return prefer_channels_last(model).eval(), metadata
+    return model.eval(), metadata
 
 
 def _load_float_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
