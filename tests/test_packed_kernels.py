@@ -115,7 +115,7 @@ def test_xnor_conv_gives_the_exact_integer_dot_product(shape, batch: int) -> Non
     offsets = padding_offsets(tap_ones, cin // groups, height, width, k, stride, padding)
     out = np.empty((batch, *expected.shape[2:], cout), np.float32)
     kernels.xnor_conv(packed_nchw, weight, offsets, stride, k, k, np.ones(cout, np.float32),
-                      np.full(cout, shift, np.float32), kernels.empty_scale(), out, *kernels.no_bit_output(), 0)
+                      np.full(cout, shift, np.float32), kernels.empty_scale(), out, *kernels.no_bit_output(), 0, 1)
     assert torch.equal(torch.from_numpy(out).permute(0, 3, 1, 2) - shift, expected)
 
     if groups == 1:
@@ -125,7 +125,7 @@ def test_xnor_conv_gives_the_exact_integer_dot_product(shape, batch: int) -> Non
         bits = np.zeros((batch, out.shape[1] + 2 * ring, out.shape[2] + 2 * ring, 1, words_for(cout)), np.int64)
         kernels.xnor_conv(packed_nchw, weight, offsets, stride, k, k, np.empty(0, np.float32),
                           np.empty(0, np.float32), kernels.empty_scale(), np.empty(out.shape[:3] + (0,), np.float32),
-                          limits.numpy(), bits, ring)
+                          limits.numpy(), bits, ring, 2)
         reference = np.zeros_like(bits)
         kernels.pack_nchw((expected >= limits.reshape(1, -1, 1, 1).float()).float().numpy(),
                           np.full(cout, 0.5, np.float32), 1, ring, reference)
@@ -195,3 +195,43 @@ def test_packed_block_is_inference_only() -> None:
     packed.train()
     with pytest.raises(RuntimeError, match="inference-only"):
         packed(torch.randn(1, 8, 4, 4))
+
+
+def test_parallel_builds_give_the_serial_results() -> None:
+    """Every kernel's prange build (used above the work thresholds, which the small test
+    shapes never reach) writes exactly what its serial build writes, with several rows per job."""
+    generator = torch.Generator().manual_seed(5)
+    cin, cout, k, padding, height, width, batch = 70, 130, 3, 1, 7, 6, 3
+    x = torch.randn(batch, cin, height, width, generator=generator)
+    thresholds = torch.randn(cin, generator=generator).numpy()
+    w_signs = (torch.rand(cout, cin, k, k, generator=generator) < 0.5).numpy()
+    weight, tap_ones = runtime_weight(w_signs, 1)
+    offsets = padding_offsets(tap_ones, cin, height, width, k, 1, padding)
+    alpha = torch.rand(cout, generator=generator).numpy()
+    bias = torch.randn(cout, generator=generator).numpy()
+    limits = torch.randint(-cin * k * k, cin * k * k, (cout,), generator=generator).to(torch.int32).numpy()
+    previous = kernels.numba.get_num_threads()
+    kernels.sync_threads(2)
+    try:
+        results = {}
+        for build in ("serial", "parallel"):
+            packed = np.zeros((batch, height + 2 * padding, width + 2 * padding, 1, words_for(cin)), np.int64)
+            getattr(kernels.pack_nchw, build)(x.numpy(), thresholds, 1, padding, packed)
+            packed_nhwc = np.zeros_like(packed)
+            getattr(kernels.pack_nhwc, build)(x.permute(0, 2, 3, 1).contiguous().numpy(), thresholds, 1, padding,
+                                              packed_nhwc)
+            out = np.empty((batch, height, width, cout), np.float32)
+            getattr(kernels.xnor_conv, build)(packed, weight, offsets, 1, k, k, alpha, bias, kernels.empty_scale(),
+                                              out, *kernels.no_bit_output(), 0, 3)
+            bits = np.zeros((batch, height, width, 1, words_for(cout)), np.int64)
+            getattr(kernels.xnor_conv, build)(packed, weight, offsets, 1, k, k, np.empty(0, np.float32),
+                                              np.empty(0, np.float32), kernels.empty_scale(),
+                                              np.empty((batch, height, width, 0), np.float32), limits, bits, 0, 2)
+            pooled = np.zeros((batch, 4 + 2, 3 + 2, 1, words_for(cout)), np.int64)
+            getattr(kernels.maxpool_bits, build)(bits, 3, 2, 1, pooled, 1)
+            results[build] = (packed, packed_nhwc, out, bits, pooled)
+    finally:
+        kernels.sync_threads(previous)
+    for serial, parallel in zip(results["serial"], results["parallel"]):
+        np.testing.assert_array_equal(serial, parallel)
+    assert np.array_equal(results["serial"][0], results["serial"][1]) and results["serial"][3].any()

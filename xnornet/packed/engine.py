@@ -302,6 +302,7 @@ class PackedBinConv2d(nn.Module):
             raise ValueError(f"an input of {height}x{width} is smaller than the {c.kernel_size}x{c.kernel_size} kernel")
         work = packed.shape[0] * out_h * out_w * c.output_channels * self._kernel_weight.shape[2]
         offsets = self._offset_table(height, width)
+        rows = kernels.rows_per_job(out_h, packed.shape[0], threads, kernels.xnor_conv.runs_parallel(work, threads))
         if self.output_padding is not None:
             ring = self.output_padding
             bits = np.zeros((packed.shape[0], out_h + 2 * ring, out_w + 2 * ring, 1, words_for(c.output_channels)),
@@ -309,7 +310,7 @@ class PackedBinConv2d(nn.Module):
             shape_only = np.empty((packed.shape[0], out_h, out_w, 0), np.float32)
             kernels.xnor_conv(packed, self._kernel_weight, offsets, c.stride, c.kernel_size, c.kernel_size,
                               self._no_floats, self._no_floats, self._no_scale, shape_only, self._limit, bits, ring,
-                              work=work, threads=threads)
+                              rows, work=work, threads=threads)
             if c.linear:  # back from the 1 x N image to one feature vector per sample
                 bits = bits.reshape(n_batch, 1, 1, 1, -1)
             return PackedActivations(bits, ring, c.output_channels)
@@ -318,7 +319,7 @@ class PackedBinConv2d(nn.Module):
             scale.float().numpy()).reshape(packed.shape[0], out_h, out_w)
         kernels.xnor_conv(packed, self._kernel_weight, offsets, c.stride,
                           c.kernel_size, c.kernel_size, self._alpha, self._bias, scale_array, out,
-                          self._limit, self._no_bits, 0, work=work, threads=threads)
+                          self._limit, self._no_bits, 0, rows, work=work, threads=threads)
         result = torch.from_numpy(out)
         if c.linear:
             return result.reshape(n_batch, c.output_channels)

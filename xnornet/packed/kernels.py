@@ -122,7 +122,7 @@ def _pack_nchw(x, threshold, groups, padding, out):  # pragma: no cover  (compil
 
 
 def _xnor_conv(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
-               limit, out_bits, out_padding):  # pragma: no cover  (compiled)
+               limit, out_bits, out_padding, rows_per_job):  # pragma: no cover  (compiled)
     """``out = relu(alpha * dot * scale + bias)``, ``dot`` the XNOR-popcount convolution (module docstring).
 
     ``scale`` [N, Ho, Wo] float32 is the activation scale K (eq. 12), or an empty
@@ -134,8 +134,8 @@ def _xnor_conv(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale
     ring untouched); ``out`` is then only read for its shape, ``[N, Ho, Wo, 0]``.
     Output blocks must start at multiples of 64 (one job owns each word).
 
-    Each parallel job computes one output row for one block of
-    output channels, two positions at a time (each weight word is loaded once
+    Each parallel job computes ``rows_per_job`` output rows (fewer jobs: less
+    per-job set-up) for one block of output channels, two positions at a time (each weight word is loaded once
     for both) and four reduction words at a time (one accumulator update per
     four popcounts); the inner loop runs over contiguous output channels, which
     LLVM vectorizes (VPOPCNTQ where the CPU has it). ``weight`` has ``R``
@@ -149,12 +149,13 @@ def _xnor_conv(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale
     per_group = out_channels // groups
     per_position_offset = offset.shape[0] > 1
     has_scale = scale.size > 0
-    jobs_per_image = out_h * groups * blocks
+    chunks = (out_h + rows_per_job - 1) // rows_per_job
+    jobs_per_image = chunks * groups * blocks
     for job in prange(n_batch * jobs_per_image):
         n = job // jobs_per_image
         rest = job - n * jobs_per_image
-        oy = rest // (groups * blocks)
-        rest -= oy * (groups * blocks)
+        chunk = rest // (groups * blocks)
+        rest -= chunk * (groups * blocks)
         g = rest // blocks
         b = rest - g * blocks
         kernel = weight[g, b]
@@ -168,51 +169,53 @@ def _xnor_conv(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale
         flags = np.zeros(((stop - first + WORD_BITS - 1) // WORD_BITS * WORD_BITS) if emit_bits else 0, np.uint8)
         flag_words = flags.view(np.int64)
         alphas, biases = alpha[first:stop], bias[first:stop]
-        for ox0 in range(0, out_w, 2):
-            ox1 = min(ox0 + 1, out_w - 1)  # an odd last position is computed twice, written once
-            r = 0
-            for ky in range(kernel_h):
-                row = x[n, oy * stride + ky]
-                for kx in range(kernel_w):
-                    pixel0 = row[ox0 * stride + kx, g]
-                    pixel1 = row[ox1 * stride + kx, g]
-                    for k in range(words):
-                        values[0, r] = pixel0[k]
-                        values[1, r] = pixel1[k]
-                        r += 1
-            acc[:] = 0
-            for j in range(0, reduction, 4):
-                a0, a1, a2, a3 = values[0, j], values[0, j + 1], values[0, j + 2], values[0, j + 3]
-                b0, b1, b2, b3 = values[1, j], values[1, j + 1], values[1, j + 2], values[1, j + 3]
-                for o in range(block):
-                    w0, w1, w2, w3 = kernel[j, o], kernel[j + 1, o], kernel[j + 2, o], kernel[j + 3, o]
-                    acc[0, o] += (popcount64(a0 ^ w0) + popcount64(a1 ^ w1)) + (
-                        popcount64(a2 ^ w2) + popcount64(a3 ^ w3))
-                    acc[1, o] += (popcount64(b0 ^ w0) + popcount64(b1 ^ w1)) + (
-                        popcount64(b2 ^ w2) + popcount64(b3 ^ w3))
-            for which in range(2):
-                ox = ox0 + which
-                if ox >= out_w:
-                    break
-                # Contiguous slices and max(): this loop vectorizes (per-element indexing did not).
-                positions = offset[oy if per_position_offset else 0, ox if per_position_offset else 0, first:stop]
-                ones = acc[which]
-                if emit_bits:
-                    for o in range(stop - first):  # one flag byte per channel (vectorizes)
-                        flags[o] = positions[o] - 2 * ones[o] >= limits[o]
-                    dst_words = out_bits[n, oy + out_padding, ox + out_padding, 0]
-                    for k in range(flag_words.size // 8):  # 64 flag bytes -> one word, 8 at a time
-                        word = np.int64(0)
-                        for byte in range(8):
-                            gathered = (flag_words[k * 8 + byte] * BYTES_TO_BITS) >> 56
-                            word |= (gathered & 0xFF) << (8 * byte)
-                        dst_words[first // WORD_BITS + k] = word
-                    continue
-                factor = scale[n, oy, ox] if has_scale else np.float32(1.0)
-                dst = out[n, oy, ox, first:stop]
-                for o in range(stop - first):
-                    value = alphas[o] * np.float32(positions[o] - 2 * ones[o]) * factor + biases[o]
-                    dst[o] = max(value, np.float32(0.0))
+        for oy in range(chunk * rows_per_job, min(out_h, (chunk + 1) * rows_per_job)):
+            for ox0 in range(0, out_w, 2):
+                ox1 = min(ox0 + 1, out_w - 1)  # an odd last position is computed twice, written once
+                r = 0
+                for ky in range(kernel_h):
+                    row = x[n, oy * stride + ky]
+                    for kx in range(kernel_w):
+                        pixel0 = row[ox0 * stride + kx, g]
+                        pixel1 = row[ox1 * stride + kx, g]
+                        for k in range(words):
+                            values[0, r] = pixel0[k]
+                            values[1, r] = pixel1[k]
+                            r += 1
+                acc[:] = 0
+                for j in range(0, reduction, 4):
+                    a0, a1, a2, a3 = values[0, j], values[0, j + 1], values[0, j + 2], values[0, j + 3]
+                    b0, b1, b2, b3 = values[1, j], values[1, j + 1], values[1, j + 2], values[1, j + 3]
+                    for o in range(block):
+                        w0, w1, w2, w3 = kernel[j, o], kernel[j + 1, o], kernel[j + 2, o], kernel[j + 3, o]
+                        acc[0, o] += (popcount64(a0 ^ w0) + popcount64(a1 ^ w1)) + (
+                            popcount64(a2 ^ w2) + popcount64(a3 ^ w3))
+                        acc[1, o] += (popcount64(b0 ^ w0) + popcount64(b1 ^ w1)) + (
+                            popcount64(b2 ^ w2) + popcount64(b3 ^ w3))
+                for which in range(2):
+                    ox = ox0 + which
+                    if ox >= out_w:
+                        break
+                    # Contiguous slices and max(): this loop vectorizes (per-element indexing did not).
+                    at_y, at_x = (oy, ox) if per_position_offset else (0, 0)
+                    positions = offset[at_y, at_x, first:stop]
+                    ones = acc[which]
+                    if emit_bits:
+                        for o in range(stop - first):  # one flag byte per channel (vectorizes)
+                            flags[o] = positions[o] - 2 * ones[o] >= limits[o]
+                        dst_words = out_bits[n, oy + out_padding, ox + out_padding, 0]
+                        for k in range(flag_words.size // 8):  # 64 flag bytes -> one word, 8 at a time
+                            word = np.int64(0)
+                            for byte in range(8):
+                                gathered = (flag_words[k * 8 + byte] * BYTES_TO_BITS) >> 56
+                                word |= (gathered & 0xFF) << (8 * byte)
+                            dst_words[first // WORD_BITS + k] = word
+                        continue
+                    factor = scale[n, oy, ox] if has_scale else np.float32(1.0)
+                    dst = out[n, oy, ox, first:stop]
+                    for o in range(stop - first):
+                        value = alphas[o] * np.float32(positions[o] - 2 * ones[o]) * factor + biases[o]
+                        dst[o] = max(value, np.float32(0.0))
 
 
 def _maxpool_bits(x, kernel, stride, padding, out, out_padding):  # pragma: no cover  (compiled)
@@ -267,13 +270,17 @@ class Kernel:
         self.serial_below = serial_below
         self.__doc__ = function.__doc__
 
+    def runs_parallel(self, work: Optional[int], threads: Optional[int]) -> bool:
+        """Whether a call with this work and thread count takes the parallel build."""
+        return threads != 1 and (work is None or work >= self.serial_below)
+
     def __call__(self, *args: Any, work: Optional[int] = None, threads: Optional[int] = None) -> None:
         """Run on ``threads`` threads (default: numba's current count); serial for one or for small work.
 
         Only the parallel path asks numba for its thread count (that query costs
         microseconds, as much as a small layer's whole kernel).
         """
-        if threads == 1 or (work is not None and work < self.serial_below):
+        if not self.runs_parallel(work, threads):
             self.serial(*args)
             return
         if threads is not None:
@@ -284,13 +291,24 @@ class Kernel:
             self.parallel(*args)
 
 
+def rows_per_job(out_h: int, n_batch: int, threads: int, parallel: bool) -> int:
+    """Output rows per job of :func:`xnor_conv`: whole images when serial, else about
+    eight jobs per thread (each job sets up its own buffers)."""
+    if not parallel:
+        return max(1, out_h)
+    return max(1, min(out_h, (n_batch * out_h) // (8 * max(1, threads))))
+
+
+# The thresholds come from measurements on a quiet 2-core machine
+# (CIFAR_10/logs/packed_benchmark_fused.jsonl and the README): below them, two
+# threads were slower than one for every NIN and AlexNet layer at batch 1.
 #: work = values read; the serial builds handle about one per nanosecond.
-pack_nhwc = Kernel(_pack_nhwc, serial_below=50_000)
-pack_nchw = Kernel(_pack_nchw, serial_below=50_000)
+pack_nhwc = Kernel(_pack_nhwc, serial_below=2_000_000)
+pack_nchw = Kernel(_pack_nchw, serial_below=2_000_000)
 #: work = 64-bit word operations; the serial build does about ten per nanosecond.
-xnor_conv = Kernel(_xnor_conv, serial_below=500_000)
+xnor_conv = Kernel(_xnor_conv, serial_below=30_000_000)
 #: work = words read.
-maxpool_bits = Kernel(_maxpool_bits, serial_below=50_000)
+maxpool_bits = Kernel(_maxpool_bits, serial_below=2_000_000)
 
 
 def sync_threads(threads: int) -> None:
