@@ -182,6 +182,14 @@ def test_random_crop_flip_gives_padded_crops_and_mirrors():
     assert torch.equal(random_crop_flip(images, padding=0, flip=False), images)
 
 
+def test_random_crop_pads_with_the_fill_value():
+    """MNIST's shifts pad normalized images with the normalized background, not with 0."""
+    images = torch.full((200, 1, 5, 5), 3.0)
+    out = random_crop_flip(images, padding=2, generator=torch.Generator().manual_seed(0), flip=False, fill=-0.5)
+    assert set(out.unique().tolist()) == {-0.5, 3.0}
+    assert bool((out == 3.0).all(dim=(1, 2, 3)).any())  # the centred crop holds no padding
+
+
 # --------------------------------------------------------------------- protocols
 
 

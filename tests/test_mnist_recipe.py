@@ -98,6 +98,28 @@ def test_evaluate_reproduces_logged_accuracy(trained_run, mnist_root):
     assert evaluated["test_acc"] == pytest.approx(logged, abs=1e-9)
 
 
+def test_resume_is_bit_identical_with_shifts_and_cosine(mnist_root, tmp_path):
+    """Our recipe's flags: the shifts and the schedule depend only on (seed, epoch), so resuming is exact."""
+    ours = ["--shift", "2", "--lr-schedule", "cosine", *FAST]
+    straight = run_script(SCRIPT, ["--data", mnist_root, "--epochs", "2", "--output-dir", tmp_path / "a", *ours])
+    assert straight.returncode == 0, straight.stderr
+    first = run_script(SCRIPT, ["--data", mnist_root, "--epochs", "1", "--output-dir", tmp_path / "b", *ours])
+    assert first.returncode == 0, first.stderr
+    unshifted = run_script(SCRIPT, ["--data", mnist_root, "--epochs", "1", "--output-dir", tmp_path / "c",
+                                    "--lr-schedule", "cosine", *FAST])
+    assert unshifted.returncode == 0, unshifted.stderr
+    one_epoch = [torch.load(tmp_path / run / "last.pth", weights_only=True)["state_dict"] for run in ("b", "c")]
+    assert not torch.equal(one_epoch[0]["conv1.weight"], one_epoch[1]["conv1.weight"])  # --shift is applied
+    resumed = run_script(SCRIPT, ["--data", mnist_root, "--epochs", "2", "--resume", tmp_path / "b" / "last.pth",
+                                  *ours])
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "a" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pth", weights_only=True)
+    assert all(torch.equal(value, b["state_dict"][key]) for key, value in a["state_dict"].items())
+    lrs = [r["lr"] for r in epoch_records(tmp_path / "a" / "log.jsonl")]
+    assert lrs[0] == pytest.approx(0.01) and lrs[1] == pytest.approx(0.005)  # cosine over 2 epochs
+
+
 def test_resume_is_bit_identical(trained_run, mnist_root, tmp_path):
     first = run_script(SCRIPT, ["--data", mnist_root, "--epochs", "1", "--output-dir", tmp_path, *FAST])
     assert first.returncode == 0, first.stderr
