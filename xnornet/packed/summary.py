@@ -57,9 +57,10 @@ def format_summary(rows: List[LayerRow], file_bytes: int) -> str:
     header = f"{'layer':<16} {'kind':<16} {'params':>10} {'bits/w':>6} {'float32 B':>11} {'packed B':>10} {'ratio':>7}"
     lines = [header, "-" * len(header)]
     for row in rows:
-        ratio = row.float_bytes / row.packed_bytes if row.packed_bytes else float("inf")
+        # A layer with no bytes of its own was folded into another one (the fusion plan).
+        ratio = f"{row.float_bytes / row.packed_bytes:>6.1f}x" if row.packed_bytes else " folded"
         lines.append(f"{row.name:<16} {row.kind:<16} {row.params:>10,} {row.bits_per_weight:>6} "
-                     f"{row.float_bytes:>11,} {row.packed_bytes:>10,} {ratio:>6.1f}x")
+                     f"{row.float_bytes:>11,} {row.packed_bytes:>10,} {ratio}")
     params = sum(row.params for row in rows)
     float_bytes = sum(row.float_bytes for row in rows)
     tensor_bytes = sum(row.packed_bytes for row in rows)
