@@ -205,7 +205,8 @@ def format_table(records: List[Dict[str, Any]]) -> str:
 
 def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
     log = MetricsLog(args.out)
-    log.write(run_header(vars(args), load_average=os.getloadavg(), numba_threading_layer=kernels.threading_layer()))
+    log.write(run_header(vars(args), load_average=os.getloadavg(), numba_threading_layer=kernels.threading_layer(),
+                         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY")))
     start = time.perf_counter()
     records: List[Dict[str, Any]] = []
     for arch in args.archs:
