@@ -87,38 +87,31 @@ def test_bad_packed_files_are_one_line_user_errors(tmp_path: Path) -> None:
 
     from safetensors.numpy import save_file
 
+    def assert_refused(arrays: dict, metadata: dict, match: str) -> None:
+        save_file(arrays, str(tmp_path / "bad.xnor"), metadata=metadata)
+        with pytest.raises(UserError, match=match):
+            load_packed(tmp_path / "bad.xnor")
+
     model = build_arch("LeNet_5").eval()
     save_packed(pack_model(model), tmp_path / "good.xnor", arch="LeNet_5")
     arrays, metadata = read_packed(tmp_path / "good.xnor")
-    save_file(arrays, str(tmp_path / "future.xnor"), metadata={**metadata, "version": "99"})
-    with pytest.raises(UserError, match="version 99"):
-        load_packed(tmp_path / "future.xnor")
-    save_file(arrays, str(tmp_path / "other.xnor"), metadata={**metadata, "arch": "LeNet_5_K"})
-    with pytest.raises(UserError, match="bin_conv2 is"):
-        load_packed(tmp_path / "other.xnor")
+    assert_refused(arrays, {**metadata, "version": "99"}, "version 99")
+    assert_refused(arrays, {**metadata, "arch": "LeNet_5_K"}, "bin_conv2 is")
     del arrays["ip2.weight"]
-    save_file(arrays, str(tmp_path / "partial.xnor"), metadata=metadata)
-    with pytest.raises(UserError, match="missing: ip2.weight"):
-        load_packed(tmp_path / "partial.xnor")
+    assert_refused(arrays, metadata, "missing: ip2.weight")
     with pytest.raises(UserError, match="unknown architecture"):
         build_arch("ResNet_18")
 
-    # A fusion plan that names layers the architecture does not have, or is not JSON.
+    # A fusion plan that names layers the architecture does not have, or is not JSON; a missing limit.
     nin = build_arch("nin").eval()
     save_packed(pack_model(nin), tmp_path / "nin.xnor", arch="nin")
     arrays, metadata = read_packed(tmp_path / "nin.xnor")
     plan = json.loads(metadata["fusion"])
     plan["bit_pools"] = {"xnor.99": 1}
-    save_file(arrays, str(tmp_path / "plan.xnor"), metadata={**metadata, "fusion": json.dumps(plan)})
-    with pytest.raises(UserError, match="fusion plan does not fit nin"):
-        load_packed(tmp_path / "plan.xnor")
-    save_file(arrays, str(tmp_path / "plan2.xnor"), metadata={**metadata, "fusion": "{"})
-    with pytest.raises(UserError, match="unreadable metadata"):
-        load_packed(tmp_path / "plan2.xnor")
+    assert_refused(arrays, {**metadata, "fusion": json.dumps(plan)}, "fusion plan does not fit nin")
+    assert_refused(arrays, {**metadata, "fusion": "{"}, "unreadable metadata")
     del arrays["xnor.3.output_limit"]
-    save_file(arrays, str(tmp_path / "limits.xnor"), metadata=metadata)
-    with pytest.raises(UserError, match="xnor.3 is incomplete or malformed"):
-        load_packed(tmp_path / "limits.xnor")
+    assert_refused(arrays, metadata, "xnor.3 is incomplete or malformed")
 
 
 def test_export_needs_an_architecture(tmp_path: Path) -> None:

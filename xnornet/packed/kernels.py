@@ -62,6 +62,16 @@ def popcount64(typingctx, word):  # noqa: ARG001  (numba intrinsic signature)
     return types.int64(types.int64), codegen
 
 
+@njit(inline="always", cache=True)
+def _flags_to_word(flag_words, k):  # pragma: no cover  (compiled)
+    """Word ``k`` of the bits held as 0/1 bytes (viewed as int64, 8 bytes each): byte ``i`` -> bit ``i``."""
+    word = np.int64(0)
+    for byte in range(8):
+        gathered = (flag_words[k * 8 + byte] * BYTES_TO_BITS) >> 56
+        word |= (gathered & 0xFF) << (8 * byte)
+    return word
+
+
 def _pack_nhwc(x, threshold, groups, padding, out):  # pragma: no cover  (compiled)
     """Bits ``x[n, h, w, c] >= threshold[c]`` of a C-contiguous float32 NHWC array.
 
@@ -83,11 +93,7 @@ def _pack_nhwc(x, threshold, groups, padding, out):  # pragma: no cover  (compil
                     flags[c] = pixel[base + c] >= threshold[base + c]
                 dst = out[n, h + padding, w + padding, g]
                 for k in range(words):
-                    word = np.int64(0)
-                    for byte in range(8):
-                        gathered = (flag_words[k * 8 + byte] * BYTES_TO_BITS) >> 56
-                        word |= (gathered & 0xFF) << (8 * byte)
-                    dst[k] = word
+                    dst[k] = _flags_to_word(flag_words, k)
 
 
 def _pack_nchw(x, threshold, groups, padding, out):  # pragma: no cover  (compiled)
@@ -204,12 +210,8 @@ def _xnor_conv(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale
                         for o in range(stop - first):  # one flag byte per channel (vectorizes)
                             flags[o] = positions[o] - 2 * ones[o] >= limits[o]
                         dst_words = out_bits[n, oy + out_padding, ox + out_padding, 0]
-                        for k in range(flag_words.size // 8):  # 64 flag bytes -> one word, 8 at a time
-                            word = np.int64(0)
-                            for byte in range(8):
-                                gathered = (flag_words[k * 8 + byte] * BYTES_TO_BITS) >> 56
-                                word |= (gathered & 0xFF) << (8 * byte)
-                            dst_words[first // WORD_BITS + k] = word
+                        for k in range(flag_words.size // 8):
+                            dst_words[first // WORD_BITS + k] = _flags_to_word(flag_words, k)
                         continue
                     factor = scale[n, oy, ox] if has_scale else np.float32(1.0)
                     dst = out[n, oy, ox, first:stop]
