@@ -202,9 +202,8 @@ class PackedBinConv2d(nn.Module):
                 else channel_thresholds
             )
             # The kernels' numpy arguments, made once (per-call conversions cost as much as a small kernel).
-            self._no_limit_array, self._no_bits = kernels.no_bit_output()
-            self._limit = (self.output_limit.numpy().astype(np.int32) if output_limit is not None
-                           else self._no_limit_array)
+            no_limit, self._no_bits = kernels.no_bit_output()
+            self._limit = self.output_limit.numpy().astype(np.int32) if output_limit is not None else no_limit
             self._no_floats, self._no_scale = np.empty(0, np.float32), kernels.empty_scale()
             self._alpha = self.alpha.numpy() if hasattr(self, "alpha") else self._no_floats
             self._bias = self.bias.numpy() if hasattr(self, "bias") else self._no_floats
@@ -505,6 +504,7 @@ def apply_fusion(model: nn.Module, plan: FusionPlan, source: Optional[nn.Module]
     without it (loading a file) the blocks already hold them and only the
     structure changes.
     """
+    limits: Dict[str, torch.Tensor] = {}  # computed while every consumer still has its thresholds
     if source is not None:
         for block_name, chain in plan.folded.items():
             block = model.get_submodule(block_name)
@@ -515,15 +515,14 @@ def apply_fusion(model: nn.Module, plan: FusionPlan, source: Optional[nn.Module]
         for producer_name, (consumer_name, _) in plan.bit_outputs.items():
             producer, consumer = model.get_submodule(producer_name), model.get_submodule(consumer_name)
             c = producer.config
-            limits = integer_limits(producer.alpha.numpy(), producer.bias.numpy(), consumer.threshold.numpy(),
+            values = integer_limits(producer.alpha.numpy(), producer.bias.numpy(), consumer.threshold.numpy(),
                                     (c.input_channels // c.groups) * c.kernel_size * c.kernel_size)
-            dtype = np.int16 if np.abs(limits).max() < 2 ** 15 else np.int32
-            # Set now; the bit output itself is switched on below, with the loaded case.
-            producer.register_buffer("output_limit", torch.from_numpy(limits.astype(dtype)))
-    for producer_name, (consumer_name, ring) in plan.bit_outputs.items():
-        producer = model.get_submodule(producer_name)
-        _rebuild(model, producer_name, alpha=None, bias=None, output_padding=int(ring),
-                 output_limit=producer.output_limit)
+            dtype = np.int16 if np.abs(values).max() < 2 ** 15 else np.int32
+            limits[producer_name] = torch.from_numpy(values.astype(dtype))
+    for producer_name, (_, ring) in plan.bit_outputs.items():
+        # Loading: the block was built from the file with its limits already.
+        limit = limits[producer_name] if source is not None else model.get_submodule(producer_name).output_limit
+        _rebuild(model, producer_name, alpha=None, bias=None, output_padding=int(ring), output_limit=limit)
     for consumer_name, _ in plan.bit_outputs.values():
         _rebuild(model, consumer_name, threshold=None, bit_input=True)
     for pool_name, ring in plan.bit_pools.items():
