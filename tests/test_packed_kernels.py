@@ -6,6 +6,10 @@ Shapes cover kernel sizes 1-11, strides 1-4, zero padding, groups, batch sizes
 
 from __future__ import annotations
 
+import ctypes.util
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +20,7 @@ from xnornet import BinConv2d, BinOp
 from xnornet.packed import PackedBinConv2d, kernels
 from xnornet.packed.pack import (
     clamped_batchnorm,
+    merges_kernel_rows,
     pack_dense,
     padding_offsets,
     runtime_weight,
@@ -90,10 +95,47 @@ def test_sign_thresholds_reproduce_the_sign_of_batchnorm(spatial: bool) -> None:
             assert torch.equal(tensor >= limit, bn(tensor) >= 0)
 
 
-@pytest.mark.parametrize("shape", CONV_SHAPES)
+def merged_rows(packed: np.ndarray, kernel_size: int, group_channels: int) -> np.ndarray:
+    """The kernel's input for merged kernel rows (stride 1), built by the kernel under test."""
+    out_w = packed.shape[2] - kernel_size + 1
+    merged = np.zeros(packed.shape[:2] + (out_w, packed.shape[3], words_for(kernel_size * group_channels)), np.int64)
+    kernels.merge_kernel_rows(packed, kernel_size, group_channels, merged)
+    return merged
+
+
+def test_merged_kernel_rows_concatenate_the_window_bits() -> None:
+    """Bit kx * C_g + c of a merged row is channel c of pixel x + kx; the tail bits are 0."""
+    generator = torch.Generator().manual_seed(11)
+    batch, channels, groups, k, height, width = 2, 70, 2, 3, 4, 6
+    signs = torch.rand(batch, channels, height, width, generator=generator) < 0.5
+    packed = np.zeros((batch, height, width, groups, words_for(channels // groups)), np.int64)
+    kernels.pack_nchw(torch.where(signs, 1.0, -1.0).numpy(), np.zeros(channels, np.float32), groups, 0, packed)
+    merged = merged_rows(packed, k, channels // groups)
+    stream = np.unpackbits(merged.view(np.uint8), bitorder="little").reshape(merged.shape[:4] + (-1,))
+    windows = signs.numpy().reshape(batch, groups, channels // groups, height, width)
+    for x in range(width - k + 1):
+        expected = windows[..., x:x + k].transpose(0, 3, 1, 4, 2).reshape(batch, height, groups, -1)
+        np.testing.assert_array_equal(stream[:, :, x, :, :expected.shape[-1]], expected)
+    assert not stream[..., k * channels // groups:].any()
+
+
+def test_kernel_rows_merge_only_where_it_saves_words() -> None:
+    assert merges_kernel_rows(5, 1, 96) and merges_kernel_rows(5, 1, 20) and merges_kernel_rows(3, 1, 65)
+    assert not merges_kernel_rows(3, 1, 192)  # 3 whole words per tap: nothing to save
+    assert not merges_kernel_rows(1, 1, 96) and not merges_kernel_rows(3, 2, 70)  # 1x1; stride 2
+    nin_5x5 = PackedBinConv2d.from_block(BinConv2d(96, 192, kernel_size=5, stride=1, padding=2).eval())
+    assert nin_5x5._kernel_weight.shape[2] == 5 * 8  # not 5 * 5 * 2 = 50 (rounded up to 52)
+
+
+CONV_CASES = [(shape, merge) for shape in CONV_SHAPES for merge in (False, True)
+              if not merge or merges_kernel_rows(shape[2], shape[3], shape[0] // shape[5])]
+
+
+@pytest.mark.parametrize("shape, merge", CONV_CASES)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_xnor_conv_gives_the_exact_integer_dot_product(shape, batch: int) -> None:
-    """alpha = 1: the kernel's output is the +-1 convolution with zero padding, exactly (eq. 13, 14)."""
+def test_xnor_conv_gives_the_exact_integer_dot_product(shape, merge: bool, batch: int) -> None:
+    """alpha = 1: the kernel's output is the +-1 convolution with zero padding, exactly (eq. 13, 14),
+    taking one tap or one merged kernel row (``merge``) as its unit of words."""
     cin, cout, k, stride, padding, groups, height, width = shape
     generator = torch.Generator().manual_seed(sum(shape) + batch)
     x_signs = torch.rand(batch, cin, height, width, generator=generator) < 0.5
@@ -103,7 +145,7 @@ def test_xnor_conv_gives_the_exact_integer_dot_product(shape, batch: int) -> Non
     shift = 4096.0  # keeps every output above the fused ReLU; integers stay exact in float32
     expected = F.conv2d(x, w, torch.full((cout,), shift), stride, padding, 1, groups) - shift
 
-    weight, tap_ones = runtime_weight(w_signs.numpy(), groups)
+    weight, tap_ones = runtime_weight(w_signs.numpy(), groups, merge)
     words = words_for(cin // groups)
     zero = np.zeros(cin, np.float32)
     packed_nchw = np.zeros((batch, height + 2 * padding, width + 2 * padding, groups, words), np.int64)
@@ -113,8 +155,9 @@ def test_xnor_conv_gives_the_exact_integer_dot_product(shape, batch: int) -> Non
     np.testing.assert_array_equal(packed_nchw, packed_nhwc)
 
     offsets = padding_offsets(tap_ones, cin // groups, height, width, k, stride, padding)
+    packed_input, kernel_w = (merged_rows(packed_nchw, k, cin // groups), 1) if merge else (packed_nchw, k)
     out = np.empty((batch, *expected.shape[2:], cout), np.float32)
-    kernels.xnor_conv(packed_nchw, weight, offsets, stride, k, k, np.ones(cout, np.float32),
+    kernels.xnor_conv(packed_input, weight, offsets, stride, k, kernel_w, np.ones(cout, np.float32),
                       np.full(cout, shift, np.float32), kernels.empty_scale(), out, *kernels.no_bit_output(), 0, 1)
     assert torch.equal(torch.from_numpy(out).permute(0, 3, 1, 2) - shift, expected)
 
@@ -123,7 +166,7 @@ def test_xnor_conv_gives_the_exact_integer_dot_product(shape, batch: int) -> Non
         limits = torch.randint(-cin * k * k - 1, cin * k * k + 2, (cout,), generator=generator).to(torch.int32)
         ring = 1
         bits = np.zeros((batch, out.shape[1] + 2 * ring, out.shape[2] + 2 * ring, 1, words_for(cout)), np.int64)
-        kernels.xnor_conv(packed_nchw, weight, offsets, stride, k, k, np.empty(0, np.float32),
+        kernels.xnor_conv(packed_input, weight, offsets, stride, k, kernel_w, np.empty(0, np.float32),
                           np.empty(0, np.float32), kernels.empty_scale(), np.empty(out.shape[:3] + (0,), np.float32),
                           limits.numpy(), bits, ring, 2)
         reference = np.zeros_like(bits)
@@ -229,9 +272,32 @@ def test_parallel_builds_give_the_serial_results() -> None:
                                               np.empty((batch, height, width, 0), np.float32), limits, bits, 0, 2)
             pooled = np.zeros((batch, 4 + 2, 3 + 2, 1, words_for(cout)), np.int64)
             getattr(kernels.maxpool_bits, build)(bits, 3, 2, 1, pooled, 1)
-            results[build] = (packed, packed_nhwc, out, bits, pooled)
+            merged = np.zeros((batch, height + 2 * padding, width + 2 * padding - k + 1, 1, words_for(k * cin)),
+                              np.int64)
+            getattr(kernels.merge_kernel_rows, build)(packed, k, cin, merged)
+            results[build] = (packed, packed_nhwc, out, bits, pooled, merged)
     finally:
         kernels.sync_threads(previous)
     for serial, parallel in zip(results["serial"], results["parallel"]):
         np.testing.assert_array_equal(serial, parallel)
     assert np.array_equal(results["serial"][0], results["serial"][1]) and results["serial"][3].any()
+    assert results["serial"][5].any()
+
+
+def test_parallel_kernels_run_on_numbas_openmp_layer_on_linux() -> None:
+    """On Linux with GNU OpenMP, numba's parallel loops take its OpenMP layer (a loop starts in
+    microseconds, not the work queue's ~100 µs); elsewhere the work queue; a user's
+    NUMBA_THREADING_LAYER wins."""
+    previous = kernels.numba.get_num_threads()
+    kernels.sync_threads(2)
+    try:
+        packed = np.zeros((1, 2, 2, 1, 1), np.int64)
+        kernels.pack_nchw.parallel(np.ones((1, 3, 2, 2), np.float32), np.zeros(3, np.float32), 1, 0, packed)
+    finally:
+        kernels.sync_threads(previous)
+    assert (packed == 0b111).all()
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        expected = os.environ["NUMBA_THREADING_LAYER"]
+    else:
+        expected = "omp" if sys.platform.startswith("linux") and ctypes.util.find_library("gomp") else "workqueue"
+    assert kernels.threading_layer() == expected

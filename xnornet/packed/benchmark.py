@@ -9,7 +9,7 @@ ReLU) against ``F.conv2d``/``F.linear`` with float weights of the same shape
 the whole network, packed vs its float counterpart (``nin_float`` etc.: FloatConv2d
 blocks, same weights, no sign).
 Each figure is the median of ``--repeats`` timed runs after a warm-up run (which
-also pays numba's compilation). One JSON line per measurement, after a run
+also pays numba's compilation), float and packed runs taking turns in rounds. One JSON line per measurement, after a run
 header naming the commit, the CPU and the load average.
 """
 
@@ -54,26 +54,37 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--archs", nargs="+", default=list(NETWORKS), choices=sorted(NETWORKS))
     parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1, 64], metavar="N")
     parser.add_argument("--threads", nargs="+", type=positive_int, default=[1, 2], metavar="T")
-    parser.add_argument("--repeats", type=positive_int, default=7, metavar="N",
-                        help="timed runs per figure (fewer when one run takes over --budget / N seconds)")
-    parser.add_argument("--budget", type=float, default=4.0, metavar="S",
-                        help="rough seconds allowed per figure (default: 4)")
+    parser.add_argument("--repeats", type=positive_int, default=21, metavar="N",
+                        help="timed runs per figure, in 3 rounds (fewer when they take over --budget seconds)")
+    parser.add_argument("--budget", type=float, default=6.0, metavar="S",
+                        help="rough seconds allowed per float/packed pair of figures (default: 6)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "CIFAR_10" / "logs" / "packed_benchmark.jsonl",
                         metavar="FILE", help="JSON-lines log to append to")
     return parser
 
 
-def median_ms(run: Callable[[], Any], repeats: int, budget: float) -> float:
-    """Median wall time of ``run`` in milliseconds, after one untimed warm-up run."""
-    run()
-    times: List[float] = []
-    while len(times) < repeats:
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-        if len(times) >= 3 and sum(times) > budget:
-            break
-    return 1000.0 * statistics.median(times)
+def paired_median_ms(float_run: Callable[[], Any], packed_run: Callable[[], Any], repeats: int,
+                     budget: float, rounds: int = 3) -> Tuple[float, float]:
+    """Median wall times of ``float_run`` and ``packed_run`` in milliseconds, timed in turns.
+
+    ``rounds`` times, each side runs once untimed (a warm-up, which warms the
+    caches for its own weights and, the first time, pays numba's compilation) and
+    then about ``repeats / rounds`` timed runs. Taking turns puts a slow stretch of
+    the machine (this VM's speed drifts by tens of percent) on both sides of the
+    ratio; the warm-up keeps each side from paying for the other's cache misses.
+    """
+    times: Tuple[List[float], List[float]] = ([], [])
+    per_round = max(1, -(-repeats // rounds))
+    for _ in range(rounds):
+        for run, timed in ((float_run, times[0]), (packed_run, times[1])):
+            run()
+            for _ in range(per_round):
+                start = time.perf_counter()
+                run()
+                timed.append(time.perf_counter() - start)
+                if len(timed) >= 3 and sum(timed) > budget / 2:
+                    break
+    return 1000.0 * statistics.median(times[0]), 1000.0 * statistics.median(times[1])
 
 
 def build_networks(arch: str) -> Tuple[nn.Module, nn.Module]:
@@ -143,8 +154,8 @@ def benchmark_network(arch: str, args: argparse.Namespace, log: MetricsLog) -> L
                         continue
                     float_run, packed_block = float_layer(block), packed.get_submodule(name)
                     x_float, x_packed = float_inputs[name], packed_inputs[name]
-                    float_ms = median_ms(lambda: float_run(x_float), args.repeats, args.budget)
-                    packed_ms = median_ms(lambda: packed_block(x_packed), args.repeats, args.budget)
+                    float_ms, packed_ms = paired_median_ms(lambda: float_run(x_float), lambda: packed_block(x_packed),
+                                                           args.repeats, args.budget)
                     records.append({"event": "layer", "arch": arch, "layer": name, "shape": shape_of(block),
                                     "input": list(x_float.shape), "batch": batch, "threads": threads,
                                     "float_ms": float_ms, "packed_ms": packed_ms, "speedup": float_ms / packed_ms})
@@ -153,8 +164,8 @@ def benchmark_network(arch: str, args: argparse.Namespace, log: MetricsLog) -> L
                 # particular); packed blocks return channels-last tensors either way.
                 for layer, source in (("(whole network)", images),
                                       ("(whole, NHWC in)", images.contiguous(memory_format=torch.channels_last))):
-                    float_ms = median_ms(lambda: float_model(source), args.repeats, args.budget)
-                    packed_ms = median_ms(lambda: packed(source), args.repeats, args.budget)
+                    float_ms, packed_ms = paired_median_ms(lambda: float_model(source), lambda: packed(source),
+                                                           args.repeats, args.budget)
                     records.append({"event": "network", "arch": arch, "layer": layer, "shape": "",
                                     "input": list(images.shape), "channels_last": source is not images,
                                     "batch": batch, "threads": threads, "float_ms": float_ms,

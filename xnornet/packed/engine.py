@@ -38,6 +38,7 @@ from .pack import (
     integer_limits,
     pack_dense,
     padding_offsets,
+    merges_kernel_rows,
     runtime_weight,
     sign_thresholds,
     unpack_dense,
@@ -193,7 +194,9 @@ class PackedBinConv2d(nn.Module):
             sign_values = torch.from_numpy(signs.astype(np.float32) * 2 - 1)
             self._float_weight = sign_values * self.alpha.reshape((-1,) + (1,) * (sign_values.dim() - 1))
         else:
-            self._kernel_weight, self._tap_ones = runtime_weight(signs, config.groups)
+            self._merge_rows = not config.linear and merges_kernel_rows(
+                config.kernel_size, config.stride, config.input_channels // config.groups)
+            self._kernel_weight, self._tap_ones = runtime_weight(signs, config.groups, self._merge_rows)
             self._offsets: Dict[tuple, np.ndarray] = {}
             zero = np.zeros(config.bn_channels, np.float32)
             channel_thresholds = self.threshold.numpy() if hasattr(self, "threshold") else zero
@@ -302,12 +305,16 @@ class PackedBinConv2d(nn.Module):
         work = packed.shape[0] * out_h * out_w * c.output_channels * self._kernel_weight.shape[2]
         offsets = self._offset_table(height, width)
         rows = kernels.rows_per_job(out_h, packed.shape[0], threads, kernels.xnor_conv.runs_parallel(work, threads))
+        kernel_w = c.kernel_size
+        if self._merge_rows:  # the kernel then sees 1-wide taps of merged rows (stride 1)
+            packed = self._merged_rows(packed, out_w, threads)
+            kernel_w = 1
         if self.output_padding is not None:
             ring = self.output_padding
             bits = np.zeros((packed.shape[0], out_h + 2 * ring, out_w + 2 * ring, 1, words_for(c.output_channels)),
                             np.int64)
             shape_only = np.empty((packed.shape[0], out_h, out_w, 0), np.float32)
-            kernels.xnor_conv(packed, self._kernel_weight, offsets, c.stride, c.kernel_size, c.kernel_size,
+            kernels.xnor_conv(packed, self._kernel_weight, offsets, c.stride, c.kernel_size, kernel_w,
                               self._no_floats, self._no_floats, self._no_scale, shape_only, self._limit, bits, ring,
                               rows, work=work, threads=threads)
             if c.linear:  # back from the 1 x N image to one feature vector per sample
@@ -317,12 +324,22 @@ class PackedBinConv2d(nn.Module):
         scale_array = self._no_scale if scale is None else np.ascontiguousarray(
             scale.float().numpy()).reshape(packed.shape[0], out_h, out_w)
         kernels.xnor_conv(packed, self._kernel_weight, offsets, c.stride,
-                          c.kernel_size, c.kernel_size, self._alpha, self._bias, scale_array, out,
+                          c.kernel_size, kernel_w, self._alpha, self._bias, scale_array, out,
                           self._limit, self._no_bits, 0, rows, work=work, threads=threads)
         result = torch.from_numpy(out)
         if c.linear:
             return result.reshape(n_batch, c.output_channels)
         return result.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+
+    def _merged_rows(self, packed: np.ndarray, out_w: int, threads: int) -> np.ndarray:
+        """Packed input ``[N, H+2p, W+2p, G, CW]`` -> each output column's window rows as one
+        bit stream ``[N, H+2p, Wo, G, ceil(KW C_g / 64)]`` (``pack.merges_kernel_rows``)."""
+        c = self.config
+        group_channels = c.input_channels // c.groups
+        merged = np.zeros(packed.shape[:2] + (out_w, c.groups, words_for(c.kernel_size * group_channels)), np.int64)
+        kernels.merge_kernel_rows(packed, c.kernel_size, group_channels, merged, work=packed.size,
+                                  threads=threads)
+        return merged
 
     def _offset_table(self, height: int, width: int) -> np.ndarray:
         """The padding correction of eq. (14) for an input of ``height x width`` (cached)."""

@@ -28,7 +28,9 @@ and serial for one thread or small work, where starting the pool would cost more
 
 from __future__ import annotations
 
+import ctypes.util
 import os
+import sys
 import types as pytypes
 from typing import Any, Callable, Optional
 
@@ -42,12 +44,33 @@ WORD_BITS = 64
 #: into one byte, byte ``i`` becoming bit ``i``.
 BYTES_TO_BITS = 0x0102040810204080
 
-# numba's OpenMP layer leaves its worker threads spinning after each parallel
-# loop; next to PyTorch's own OpenMP pool that slowed the float layers between
-# two packed ones by 10-100x here. The work-queue layer sleeps instead. A user's
-# NUMBA_THREADING_LAYER still wins. Must be set before the first parallel call.
-if "NUMBA_THREADING_LAYER" not in os.environ:
+
+def choose_threading_layer() -> str:
+    """Numba's OpenMP layer on Linux (GNU OpenMP), else its work queue; returns the layer asked for.
+
+    Measured on this 2-core VM (README, "Threads"): a parallel loop starts and
+    joins in about 2 µs on the OpenMP layer, against about 100 µs on the work
+    queue, which at batch 1 cost more than a small layer's whole work. The OpenMP
+    layer's pool is its own (numba links the system's libgomp, PyTorch brings
+    another); float convolutions run right after a packed kernel took the same time
+    as alone. GNU OpenMP is not fork-safe: a child forked after a parallel loop
+    must not run packed kernels (numba stops it with a message); data-loader
+    workers only load data. A ``NUMBA_THREADING_LAYER`` set by the user wins.
+    Must run before the first parallel call.
+    """
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return os.environ["NUMBA_THREADING_LAYER"]
+    if sys.platform.startswith("linux") and ctypes.util.find_library("gomp"):
+        # "default" tries these in order; numba wants all three named (TBB would be a third pool).
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+        numba.config.THREADING_LAYER = "default"
+        return "omp"
     numba.config.THREADING_LAYER = "workqueue"
+    return "workqueue"
+
+
+#: Starting a parallel loop costs about 2 µs on the OpenMP layer, about 100 µs on the work queue.
+CHEAP_PARALLEL_START = choose_threading_layer() == "omp"
 
 
 @intrinsic
@@ -220,6 +243,36 @@ def _xnor_conv(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale
                         dst[o] = max(value, np.float32(0.0))
 
 
+def _merge_kernel_rows(x, kernel_w, group_channels, out):  # pragma: no cover  (compiled)
+    """Each stride-1 window row as one bit stream: the layout of ``pack.merges_kernel_rows``.
+
+    ``x`` [N, H, W, G, CW] (padded, one pixel per word group) -> ``out`` [N, H,
+    W - kernel_w + 1, G, RW], zeroed by the caller: bit ``kx * C_g + c`` of
+    ``out[n, y, x, g]`` is channel ``c`` of pixel ``x + kx``. The unused high bits of
+    each pixel's last word are 0, so whole words can be shifted in.
+    """
+    n_batch, height, _, groups, words = x.shape
+    out_w, row_words = out.shape[2], out.shape[4]
+    for job in prange(n_batch * height):
+        n = job // height
+        y = job - n * height
+        for g in range(groups):
+            src = x[n, y, :, g]  # [W, CW]
+            dst = out[n, y, :, g]  # [Wo, RW]
+            for kx in range(kernel_w):
+                for k in range(words):
+                    position = kx * group_channels + k * WORD_BITS
+                    index = position // WORD_BITS
+                    shift = position - index * WORD_BITS
+                    for ox in range(out_w):  # the same shift for every column: a vectorizable loop
+                        dst[ox, index] |= src[ox + kx, k] << shift
+                    if shift > 0 and index + 1 < row_words:
+                        # a logical right shift: the arithmetic one, then the sign copies masked off
+                        low_bits = (np.int64(1) << shift) - 1
+                        for ox in range(out_w):
+                            dst[ox, index + 1] |= (src[ox + kx, k] >> (WORD_BITS - shift)) & low_bits
+
+
 def _maxpool_bits(x, kernel, stride, padding, out, out_padding):  # pragma: no cover  (compiled)
     """Max pooling of sign bits: the OR of each window's words (a max of 0/1 values).
 
@@ -301,16 +354,19 @@ def rows_per_job(out_h: int, n_batch: int, threads: int, parallel: bool) -> int:
     return max(1, min(out_h, (n_batch * out_h) // (8 * max(1, threads))))
 
 
-# The thresholds come from measurements on a quiet 2-core machine
-# (CIFAR_10/logs/packed_benchmark_fused.jsonl and the README): below them, two
-# threads were slower than one for every NIN and AlexNet layer at batch 1.
-#: work = values read; the serial builds handle about one per nanosecond.
-pack_nhwc = Kernel(_pack_nhwc, serial_below=2_000_000)
-pack_nchw = Kernel(_pack_nchw, serial_below=2_000_000)
+# The thresholds come from measurements on a quiet 2-core machine, serial against
+# parallel build of each kernel call in LeNet-5, NIN and AlexNet at batch 1, 4 and
+# 64 (the README's "Threads"); the work-queue ones, from the same comparison at
+# batch 1 before the OpenMP layer was used.
+#: work = values read; the serial builds handle a few per nanosecond.
+pack_nhwc = Kernel(_pack_nhwc, serial_below=100_000 if CHEAP_PARALLEL_START else 2_000_000)
+pack_nchw = Kernel(_pack_nchw, serial_below=10_000 if CHEAP_PARALLEL_START else 2_000_000)
 #: work = 64-bit word operations; the serial build does about ten per nanosecond.
-xnor_conv = Kernel(_xnor_conv, serial_below=30_000_000)
+xnor_conv = Kernel(_xnor_conv, serial_below=30_000 if CHEAP_PARALLEL_START else 30_000_000)
 #: work = words read.
-maxpool_bits = Kernel(_maxpool_bits, serial_below=2_000_000)
+merge_kernel_rows = Kernel(_merge_kernel_rows, serial_below=5_000 if CHEAP_PARALLEL_START else 2_000_000)
+#: work = words read.
+maxpool_bits = Kernel(_maxpool_bits, serial_below=5_000 if CHEAP_PARALLEL_START else 2_000_000)
 
 
 def sync_threads(threads: int) -> None:

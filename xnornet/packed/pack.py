@@ -69,25 +69,44 @@ def output_blocks(per_group_out: int) -> Tuple[int, int]:
     return blocks, -(-width // (8 if blocks == 1 else WORD_BITS)) * (8 if blocks == 1 else WORD_BITS)
 
 
-def runtime_weight(signs: np.ndarray, groups: int) -> Tuple[np.ndarray, np.ndarray]:
+def merges_kernel_rows(kernel_size: int, stride: int, group_channels: int) -> bool:
+    """Whether a convolution packs each kernel row densely (:func:`runtime_weight`).
+
+    Per tap, the ``C_g`` channels take ``ceil(C_g / 64)`` words, so 96 channels fill
+    two words with 32 unused bits; a kernel row of ``KW`` taps packed as one bit
+    stream takes ``ceil(KW C_g / 64)`` words (5 taps of 96 channels: 8 words, not 10).
+    Only for stride 1, where the input window of output column ``x`` starts at column
+    ``x`` (:func:`~xnornet.packed.kernels.merge_kernel_rows` builds those windows).
+    """
+    return stride == 1 and kernel_size > 1 and (
+        words_for(kernel_size * group_channels) < kernel_size * words_for(group_channels))
+
+
+def runtime_weight(signs: np.ndarray, groups: int, merge_rows: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Kernel layout of conv signs ``[O, C_g, KH, KW]`` (linear: ``[O, F]``).
 
     Returns ``weight [G, OB, R, BO]`` int64 (:mod:`~xnornet.packed.kernels`; ``R = KH*KW*CW``
-    rounded up to a multiple of 4)
-    and ``tap_ones [G, KH*KW, O_g]``, the number of +1 weights of each filter at each tap.
+    rounded up to a multiple of 4) and ``tap_ones [G, KH*KW, O_g]``, the number of
+    +1 weights of each filter at each tap. With ``merge_rows``, each kernel row is
+    one bit stream, bit ``kx * C_g + c`` being tap ``kx``, channel ``c``:
+    ``R = KH * ceil(KW*C_g / 64)``, rounded up likewise (:func:`merges_kernel_rows`).
     """
     if signs.ndim == 2:
         signs = signs[:, :, None, None]
     out_channels, per_group_in, kernel_h, kernel_w = signs.shape
     per_group_out = out_channels // groups
-    words = words_for(per_group_in)
     blocks, width = output_blocks(per_group_out)
     grouped = signs.reshape(groups, per_group_out, per_group_in, kernel_h, kernel_w)
     tap_ones = grouped.sum(axis=2).reshape(groups, per_group_out, kernel_h * kernel_w).transpose(0, 2, 1)
-    bits = np.zeros((groups, blocks * width, kernel_h, kernel_w, words * WORD_BITS), dtype=bool)
-    bits[:, :per_group_out, :, :, :per_group_in] = grouped.transpose(0, 1, 3, 4, 2)
-    packed = np.packbits(bits, axis=-1, bitorder="little").view("<u8")  # [G, OB*BO, KH, KW, CW]
-    reduction = kernel_h * kernel_w * words
+    taps = grouped.transpose(0, 1, 3, 4, 2)  # [G, O_g, KH, KW, C_g]
+    # A "unit" is what the kernel gathers as whole words: one tap, or one merged kernel row.
+    units = taps.reshape(groups, per_group_out, kernel_h, kernel_w * per_group_in) if merge_rows else (
+        taps.reshape(groups, per_group_out, kernel_h * kernel_w, per_group_in))
+    unit_words = words_for(units.shape[3])
+    bits = np.zeros((groups, blocks * width, units.shape[2], unit_words * WORD_BITS), dtype=bool)
+    bits[:, :per_group_out, :, :units.shape[3]] = units
+    packed = np.packbits(bits, axis=-1, bitorder="little").view("<u8")  # [G, OB*BO, units, unit words]
+    reduction = units.shape[2] * unit_words
     packed = packed.reshape(groups, blocks, width, reduction).transpose(0, 1, 3, 2)
     weight = np.zeros((groups, blocks, -(-reduction // 4) * 4, width), np.uint64)  # zero rows add nothing
     weight[:, :, :reduction] = packed
