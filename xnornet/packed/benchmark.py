@@ -222,7 +222,8 @@ def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
     records: List[Dict[str, Any]] = []
     for arch in args.archs:
         records += benchmark_network(arch, args, log)
-    log.write({"event": "end", "seconds": time.perf_counter() - start, "load_average": os.getloadavg()})
+    log.write({"event": "end", "seconds": time.perf_counter() - start, "load_average": os.getloadavg(),
+               "numba_threading_layer": kernels.threading_layer()})  # the layer in use, now that loops have run
     print(format_table(records))
     print(f"logged to {args.out} ({time.perf_counter() - start:.0f} s, load average now "
           f"{', '.join(f'{v:.2f}' for v in os.getloadavg())})")

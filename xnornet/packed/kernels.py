@@ -338,9 +338,8 @@ class Kernel:
         if not self.runs_parallel(work, threads):
             self.serial(*args)
             return
-        if threads is not None:
-            sync_threads(threads)
-        if numba.get_num_threads() == 1:
+        count = sync_threads(threads) if threads is not None else numba.get_num_threads()
+        if count == 1:
             self.serial(*args)
         else:
             self.parallel(*args)
@@ -369,11 +368,12 @@ merge_kernel_rows = Kernel(_merge_kernel_rows, serial_below=5_000 if CHEAP_PARAL
 maxpool_bits = Kernel(_maxpool_bits, serial_below=5_000 if CHEAP_PARALLEL_START else 2_000_000)
 
 
-def sync_threads(threads: int) -> None:
-    """Run numba's parallel loops on ``threads`` threads (at most NUMBA_NUM_THREADS)."""
+def sync_threads(threads: int) -> int:
+    """Run numba's parallel loops on ``threads`` threads (at most NUMBA_NUM_THREADS); returns that count."""
     threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != threads:
         numba.set_num_threads(threads)
+    return threads
 
 
 def threading_layer() -> str:
