@@ -105,3 +105,18 @@ def test_benchmark_logs_every_block_and_the_network(tmp_path) -> None:
     assert size["compression"] == size["float32_bytes"] / size["file_bytes"] > 20
     network = [r for r in records if r["event"] == "network"]
     assert len(network) == 2 and all(r["speedup"] == r["float_ms"] / r["packed_ms"] for r in network)
+
+
+def test_benchmark_runs_each_thread_count_in_a_fresh_process(tmp_path) -> None:
+    from xnornet.packed import benchmark
+
+    out = tmp_path / "bench.jsonl"
+    args = benchmark.get_args_parser().parse_args(
+        ["--archs", "LeNet_5", "--batch-sizes", "1", "--threads", "1", "2", "--repeats", "3", "--budget", "0",
+         "--out", str(out)])
+    records = benchmark.main(args)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    headers = [r for r in lines if r["event"] == "start"]
+    assert [h["args"]["threads"] for h in headers] == [[1], [2]]
+    assert [h["omp_num_threads"] for h in headers] == ["1", "2"]
+    assert sorted({r["threads"] for r in records}) == [1, 2] and len(records) == 2 * (2 + 2)

@@ -9,16 +9,19 @@ ReLU) against ``F.conv2d``/``F.linear`` with float weights of the same shape
 the whole network, packed vs its float counterpart (``nin_float`` etc.: FloatConv2d
 blocks, same weights, no sign).
 Each figure is the median of ``--repeats`` timed runs after a warm-up run (which
-also pays numba's compilation), float and packed runs taking turns in rounds. One JSON line per measurement, after a run
-header naming the commit, the CPU and the load average.
+also pays numba's compilation), float and packed runs taking turns in rounds.
+Each thread count runs in a process of its own. One JSON line per measurement,
+after a run header naming the commit, the CPU and the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import load_file, load_model_state, model_state_from
-from ..cli import ArgumentParser, positive_int, run_cli, setup_logging
+from ..cli import ArgumentParser, UserError, positive_int, run_cli, setup_logging
 from ..layers import BinConv2d
 from ..metrics import REPO_ROOT, MetricsLog, run_header
 from . import kernels
@@ -214,16 +217,43 @@ def format_table(records: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_per_thread_count(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Each thread count in a fresh process (``OMP_NUM_THREADS`` set from the start); their records.
+
+    Switching PyTorch's thread count back and forth inside one process was not
+    reliable here: after a 1 -> 2 -> 1 -> 2 sequence a float convolution at
+    batch 1 sometimes ran at its one-thread speed on two threads, which would
+    flatter the packed side.
+    """
+    start = args.out.stat().st_size if args.out.exists() else 0
+    for threads in args.threads:
+        command = [sys.executable, "-m", "xnornet.packed.benchmark", "--archs", *args.archs,
+                   "--batch-sizes", *map(str, args.batch_sizes), "--threads", str(threads),
+                   "--repeats", str(args.repeats), "--budget", str(args.budget), "--out", str(args.out)]
+        LOG.info("%d thread(s): a fresh process", threads)
+        child = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                               stdout=subprocess.DEVNULL, check=False)
+        if child.returncode != 0:
+            raise UserError(f"the benchmark process for {threads} thread(s) failed (exit {child.returncode})")
+    with open(args.out, encoding="utf-8") as handle:
+        handle.seek(start)
+        return [record for record in map(json.loads, handle) if record.get("event") in ("layer", "network")]
+
+
 def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    log = MetricsLog(args.out)
-    log.write(run_header(vars(args), load_average=os.getloadavg(), numba_threading_layer=kernels.threading_layer(),
-                         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY")))
     start = time.perf_counter()
-    records: List[Dict[str, Any]] = []
-    for arch in args.archs:
-        records += benchmark_network(arch, args, log)
-    log.write({"event": "end", "seconds": time.perf_counter() - start, "load_average": os.getloadavg(),
-               "numba_threading_layer": kernels.threading_layer()})  # the layer in use, now that loops have run
+    if len(args.threads) > 1:
+        records = run_per_thread_count(args)
+    else:
+        log = MetricsLog(args.out)
+        log.write(run_header(vars(args), load_average=os.getloadavg(),
+                             omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                             omp_wait_policy=os.environ.get("OMP_WAIT_POLICY")))
+        records = []
+        for arch in args.archs:
+            records += benchmark_network(arch, args, log)
+        log.write({"event": "end", "seconds": time.perf_counter() - start, "load_average": os.getloadavg(),
+                   "numba_threading_layer": kernels.threading_layer()})  # the layer in use, now that loops have run
     print(format_table(records))
     print(f"logged to {args.out} ({time.perf_counter() - start:.0f} s, load average now "
           f"{', '.join(f'{v:.2f}' for v in os.getloadavg())})")
