@@ -285,9 +285,9 @@ class PackedBinConv2d(nn.Module):
         n_batch, _, height, width = x.shape
         words = words_for(c.input_channels // c.groups)
         packed = np.zeros((n_batch, height + 2 * c.padding, width + 2 * c.padding, c.groups, words), np.int64)
-        nhwc = x.permute(0, 2, 3, 1)
-        if nhwc.is_contiguous():  # channels-last memory, as packed blocks return
-            kernels.pack_nhwc(nhwc.numpy(), self._feature_thresholds, c.groups, c.padding, packed, work=x.numel(),
+        nhwc = x.detach().numpy().transpose(0, 2, 3, 1)  # numpy views: a few µs cheaper than torch's here
+        if nhwc.flags.c_contiguous:  # channels-last memory, as packed blocks return
+            kernels.pack_nhwc(nhwc, self._feature_thresholds, c.groups, c.padding, packed, work=nhwc.size,
                               threads=threads)
         else:
             kernels.pack_nchw(x.contiguous().numpy(), self._feature_thresholds, c.groups, c.padding, packed,
