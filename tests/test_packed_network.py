@@ -120,3 +120,17 @@ def test_benchmark_runs_each_thread_count_in_a_fresh_process(tmp_path) -> None:
     assert [h["args"]["threads"] for h in headers] == [[1], [2]]
     assert [h["omp_num_threads"] for h in headers] == ["1", "2"]
     assert sorted({r["threads"] for r in records}) == [1, 2] and len(records) == 2 * (2 + 2)
+
+
+def test_threads_report_logs_both_layers_and_both_builds(tmp_path) -> None:
+    from xnornet.packed import threads_report
+
+    out = tmp_path / "threads.jsonl"
+    records = threads_report.main(threads_report.get_args_parser().parse_args(["--repeats", "3", "--out", str(out)]))
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    loops = [r for r in lines if r["event"] == "loop"]
+    assert [(r["layer_asked"], r["layer"]) for r in loops] == [("omp", "omp"), ("workqueue", "workqueue")]
+    assert all(r["empty_loop_us"] > 0 and r["float_conv_after_loop_us"] > 0 for r in loops)
+    assert [(r["layer"], r["batch"]) for r in records] == [
+        ("xnor.6", 1), ("xnor.10", 1), ("xnor.6", 64), ("xnor.10", 64)]
+    assert all(r["kernel_serial_us"] > 0 and r["kernel_parallel_us"] > 0 for r in records)

@@ -1,0 +1,152 @@
+"""What a parallel loop costs to start, and where a packed block's time goes, on two threads.
+
+    python -m xnornet.packed.threads_report --out CIFAR_10/logs/packed_threads.jsonl
+
+1. For numba's OpenMP and work-queue threading layers, each in a fresh process:
+   the median time of a parallel loop over two nearly empty iterations, and of
+   NIN's 3x3 float convolution at batch 1, alone and right after such a loop
+   (does the other pool get in its way?).
+2. With the engine's own layer: NIN's 5x5 and 3x3 blocks (random weights) at
+   batch 1 and 64: the whole packed block, and its XNOR kernel's serial and
+   parallel builds called directly with the block's arguments.
+
+One JSON line per measurement after a run header (commit, CPU, load average).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..cli import ArgumentParser, UserError, positive_int, run_cli, setup_logging
+from ..metrics import REPO_ROOT, MetricsLog, run_header
+from . import kernels
+
+LOG = logging.getLogger("xnornet")
+LAYERS = ("omp", "workqueue")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m xnornet.packed.threads_report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=positive_int, default=400, metavar="N", help="timed calls per figure")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "CIFAR_10" / "logs" / "packed_threads.jsonl",
+                        metavar="FILE", help="JSON-lines log to append to")
+    parser.add_argument("--loop-only", choices=LAYERS, default=None, help=argparse.SUPPRESS)  # the child processes
+    return parser
+
+
+def median_us(run: Callable[[], Any], repeats: int, before: Callable[[], Any] = lambda: None) -> float:
+    """Median wall time of ``run`` in microseconds (``before`` runs untimed ahead of each call)."""
+    before()
+    run()
+    times: List[float] = []
+    for _ in range(repeats):
+        before()
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
+def _nearly_empty(values):  # pragma: no cover  (compiled)
+    for i in numba.prange(values.size):
+        values[i] += 1.0
+
+
+def loop_costs(layer: str, repeats: int) -> Dict[str, Any]:
+    """Part 1 in this process (its threading layer chosen by NUMBA_THREADING_LAYER)."""
+    torch.set_num_threads(2)
+    kernels.sync_threads(2)
+    loop = numba.njit(parallel=True)(_nearly_empty)
+    values = np.zeros(2)
+    x, weight = torch.randn(1, 192, 8, 8), torch.randn(192, 192, 3, 3)
+    with torch.no_grad():
+        conv = lambda: F.conv2d(x, weight, padding=1)  # noqa: E731
+        return {"event": "loop", "layer_asked": layer, "layer": (loop(values), kernels.threading_layer())[1],
+                "empty_loop_us": median_us(lambda: loop(values), repeats),
+                "float_conv_alone_us": median_us(conv, repeats),
+                "float_conv_after_loop_us": median_us(conv, repeats, before=lambda: loop(values))}
+
+
+def block_costs(repeats: int) -> List[Dict[str, Any]]:
+    """Part 2: NIN's 5x5 and 3x3 blocks, whole and their XNOR kernel's two builds."""
+    from .benchmark import block_inputs, build_networks
+    from .engine import PackedBinConv2d, pack_model
+
+    torch.set_num_threads(2)
+    kernels.sync_threads(2)
+    packed = pack_model(build_networks("nin")[0])
+    records = []
+    for batch in (1, 64):
+        inputs = block_inputs(packed, PackedBinConv2d, torch.randn(batch, 3, 32, 32))
+        for name in ("xnor.6", "xnor.10"):
+            block, x = packed.get_submodule(name), inputs[name]
+            calls: List[tuple] = []
+            original = kernels.Kernel.__call__
+
+            def record(kernel, *args, work=None, threads=None):  # the block's own kernel arguments
+                if kernel is kernels.xnor_conv:
+                    calls.append(args)
+                original(kernel, *args, work=work, threads=threads)
+
+            kernels.Kernel.__call__ = record
+            try:
+                with torch.no_grad():
+                    block(x)
+            finally:
+                kernels.Kernel.__call__ = original
+            args = list(calls[0])
+            out_h = args[9].shape[1]
+            serial_args = args[:-1] + [kernels.rows_per_job(out_h, batch, 2, parallel=False)]
+            parallel_args = args[:-1] + [kernels.rows_per_job(out_h, batch, 2, parallel=True)]
+            count = repeats if batch == 1 else max(3, repeats // 40)
+            with torch.no_grad():
+                records.append({"event": "block", "layer": name, "batch": batch, "threads": 2,
+                                "block_us": median_us(lambda: block(x), count),
+                                "kernel_serial_us": median_us(lambda: kernels.xnor_conv.serial(*serial_args), count),
+                                "kernel_parallel_us": median_us(lambda: kernels.xnor_conv.parallel(*parallel_args),
+                                                                count),
+                                "threading_layer": kernels.threading_layer()})
+            LOG.info("%s", records[-1])
+    return records
+
+
+def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    log = MetricsLog(args.out)
+    if args.loop_only:
+        record = loop_costs(args.loop_only, args.repeats)
+        log.write(record)
+        return [record]
+    log.write(run_header(vars(args), load_average=os.getloadavg()))
+    for layer in LAYERS:
+        command = [sys.executable, "-m", "xnornet.packed.threads_report", "--loop-only", layer,
+                   "--repeats", str(args.repeats), "--out", str(args.out)]
+        child = subprocess.run(command, env={**os.environ, "NUMBA_THREADING_LAYER": layer, "OMP_NUM_THREADS": "2"},
+                               check=False)
+        if child.returncode != 0:
+            raise UserError(f"the {layer} measurement process failed (exit {child.returncode})")
+    records = block_costs(args.repeats)
+    for record in records:
+        log.write(record)
+    log.write({"event": "end", "load_average": os.getloadavg()})
+    with open(args.out, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    print("\n".join(lines[-(len(LAYERS) + len(records) + 1):-1]))
+    return records
+
+
+if __name__ == "__main__":
+    setup_logging()
+    run_cli(main, get_args_parser().parse_args(sys.argv[1:]))
