@@ -47,17 +47,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def median_us(run: Callable[[], Any], repeats: int, before: Callable[[], Any] = lambda: None) -> float:
-    """Median wall time of ``run`` in microseconds (``before`` runs untimed ahead of each call)."""
-    before()
-    run()
-    times: List[float] = []
-    for _ in range(repeats):
-        before()
-        start = time.perf_counter()
+def medians_us(runs: Dict[str, Callable[[], Any]], repeats: int) -> Dict[str, float]:
+    """Median wall time of each run in microseconds, the runs taking turns call by call
+    (this VM's speed drifts; taking turns spreads a slow stretch over all of them)."""
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e6 * statistics.median(values) for name, values in times.items()}
 
 
 def _nearly_empty(values):  # pragma: no cover  (compiled)
@@ -74,10 +75,17 @@ def loop_costs(layer: str, repeats: int) -> Dict[str, Any]:
     x, weight = torch.randn(1, 192, 8, 8), torch.randn(192, 192, 3, 3)
     with torch.no_grad():
         conv = lambda: F.conv2d(x, weight, padding=1)  # noqa: E731
-        return {"event": "loop", "layer_asked": layer, "layer": (loop(values), kernels.threading_layer())[1],
-                "empty_loop_us": median_us(lambda: loop(values), repeats),
-                "float_conv_alone_us": median_us(conv, repeats),
-                "float_conv_after_loop_us": median_us(conv, repeats, before=lambda: loop(values))}
+        loop(values)
+        figures = medians_us({"empty_loop_us": lambda: loop(values), "float_conv_alone_us": conv}, repeats)
+        # Right after a loop: the loop untimed, then the convolution timed.
+        after = []
+        for _ in range(repeats):
+            loop(values)
+            start = time.perf_counter()
+            conv()
+            after.append(time.perf_counter() - start)
+    return {"event": "loop", "layer_asked": layer, "layer": kernels.threading_layer(), **figures,
+            "float_conv_after_loop_us": 1e6 * statistics.median(after)}
 
 
 def block_costs(repeats: int) -> List[Dict[str, Any]]:
@@ -113,12 +121,11 @@ def block_costs(repeats: int) -> List[Dict[str, Any]]:
             parallel_args = args[:-1] + [kernels.rows_per_job(out_h, batch, 2, parallel=True)]
             count = repeats if batch == 1 else max(3, repeats // 40)
             with torch.no_grad():
-                records.append({"event": "block", "layer": name, "batch": batch, "threads": 2,
-                                "block_us": median_us(lambda: block(x), count),
-                                "kernel_serial_us": median_us(lambda: kernels.xnor_conv.serial(*serial_args), count),
-                                "kernel_parallel_us": median_us(lambda: kernels.xnor_conv.parallel(*parallel_args),
-                                                                count),
-                                "threading_layer": kernels.threading_layer()})
+                figures = medians_us({"block_us": lambda: block(x),
+                                      "kernel_serial_us": lambda: kernels.xnor_conv.serial(*serial_args),
+                                      "kernel_parallel_us": lambda: kernels.xnor_conv.parallel(*parallel_args)}, count)
+            records.append({"event": "block", "layer": name, "batch": batch, "threads": 2, **figures,
+                            "threading_layer": kernels.threading_layer()})
             LOG.info("%s", records[-1])
     return records
 
