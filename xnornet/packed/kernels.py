@@ -48,15 +48,18 @@ BYTES_TO_BITS = 0x0102040810204080
 def choose_threading_layer() -> str:
     """Numba's OpenMP layer on Linux (GNU OpenMP), else its work queue; returns the layer asked for.
 
-    Measured on this 2-core VM (README, "Threads"): a parallel loop starts and
-    joins in about 2 µs on the OpenMP layer, against about 100 µs on the work
-    queue, which at batch 1 cost more than a small layer's whole work. The OpenMP
-    layer's pool is its own (numba links the system's libgomp, PyTorch brings
-    another); float convolutions run right after a packed kernel took the same time
-    as alone. GNU OpenMP is not fork-safe: a child forked after a parallel loop
-    must not run packed kernels (numba stops it with a message); data-loader
-    workers only load data. A ``NUMBA_THREADING_LAYER`` set by the user wins.
-    Must run before the first parallel call.
+    Measured on this 2-core VM (``python -m xnornet.packed.threads_report``): a
+    parallel loop starts and joins in about 2-4 µs on the OpenMP layer, against
+    about 100 µs on the work queue, which at batch 1 cost more than a small
+    layer's whole work. numba's OpenMP pool is its own (numba links the system's
+    libgomp, PyTorch brings another); with either layer, numba loops and PyTorch
+    convolutions alternating call by call sometimes slowed the convolutions (the
+    pools share two cores), and sometimes not. Where numba cannot load it, the
+    "default" order falls back to the work queue. GNU OpenMP is not fork-safe:
+    a child forked after a parallel loop must not run packed kernels (numba
+    stops it with a message); data-loader workers only load data. A
+    ``NUMBA_THREADING_LAYER`` set by the user wins. Must run before the first
+    parallel call.
     """
     if "NUMBA_THREADING_LAYER" in os.environ:
         return os.environ["NUMBA_THREADING_LAYER"]
@@ -69,7 +72,7 @@ def choose_threading_layer() -> str:
     return "workqueue"
 
 
-#: Starting a parallel loop costs about 2 µs on the OpenMP layer, about 100 µs on the work queue.
+#: Starting a parallel loop costs about 2-4 µs on the OpenMP layer, about 100 µs on the work queue.
 CHEAP_PARALLEL_START = choose_threading_layer() == "omp"
 
 
