@@ -131,6 +131,11 @@ def test_threads_report_logs_both_layers_and_both_builds(tmp_path) -> None:
     loops = [r for r in lines if r["event"] == "loop"]
     assert [(r["layer_asked"], r["layer"]) for r in loops] == [("omp", "omp"), ("workqueue", "workqueue")]
     assert all(r["empty_loop_us"] > 0 and r["float_conv_after_loop_us"] > 0 for r in loops)
-    assert [(r["layer"], r["batch"]) for r in records] == [
+    blocks = [r for r in records if r["event"] == "block"]
+    assert [(r["layer"], r["batch"]) for r in blocks] == [
         ("xnor.6", 1), ("xnor.10", 1), ("xnor.6", 64), ("xnor.10", 64)]
-    assert all(r["kernel_serial_us"] > 0 and r["kernel_parallel_us"] > 0 for r in records)
+    assert all(r["kernel_serial_us"] > 0 and r["kernel_parallel_us"] > 0 for r in blocks)
+    crossings = [r for r in lines if r["event"] == "crossover"]
+    assert {r["kernel"] for r in crossings} >= {"xnor_conv", "pack_nchw", "pack_nhwc", "merge_kernel_rows"}
+    assert {r["arch"] for r in crossings} == {"LeNet_5", "nin", "alexnet"}
+    assert all(r["work"] > 0 and r["serial_us"] > 0 and r["parallel_us"] > 0 for r in crossings)

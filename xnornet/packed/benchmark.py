@@ -217,6 +217,15 @@ def format_table(records: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_fresh_process(module: str, arguments: List[str], environment: Dict[str, str], what: str) -> None:
+    """``python -m module arguments`` in a new process with ``environment`` added (its stdout
+    discarded: it logs to the JSON-lines file); a failure is one :class:`UserError` line."""
+    child = subprocess.run([sys.executable, "-m", module, *arguments], env={**os.environ, **environment},
+                           stdout=subprocess.DEVNULL, check=False)
+    if child.returncode != 0:
+        raise UserError(f"the measurement process for {what} failed (exit {child.returncode})")
+
+
 def run_per_thread_count(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """Each thread count in a fresh process (``OMP_NUM_THREADS`` set from the start); their records.
 
@@ -227,14 +236,12 @@ def run_per_thread_count(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """
     start = args.out.stat().st_size if args.out.exists() else 0
     for threads in args.threads:
-        command = [sys.executable, "-m", "xnornet.packed.benchmark", "--archs", *args.archs,
-                   "--batch-sizes", *map(str, args.batch_sizes), "--threads", str(threads),
-                   "--repeats", str(args.repeats), "--budget", str(args.budget), "--out", str(args.out)]
         LOG.info("%d thread(s): a fresh process", threads)
-        child = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                               stdout=subprocess.DEVNULL, check=False)
-        if child.returncode != 0:
-            raise UserError(f"the benchmark process for {threads} thread(s) failed (exit {child.returncode})")
+        run_fresh_process("xnornet.packed.benchmark",
+                          ["--archs", *args.archs, "--batch-sizes", *map(str, args.batch_sizes),
+                           "--threads", str(threads), "--repeats", str(args.repeats), "--budget", str(args.budget),
+                           "--out", str(args.out)],
+                          {"OMP_NUM_THREADS": str(threads)}, f"{threads} thread(s)")
     with open(args.out, encoding="utf-8") as handle:
         handle.seek(start)
         return [record for record in map(json.loads, handle) if record.get("event") in ("layer", "network")]

@@ -36,9 +36,9 @@ from . import kernels
 from .pack import (
     clamped_batchnorm,
     integer_limits,
+    merges_kernel_rows,
     pack_dense,
     padding_offsets,
-    merges_kernel_rows,
     runtime_weight,
     sign_thresholds,
     unpack_dense,

@@ -9,6 +9,10 @@
 2. With the engine's own layer: NIN's 5x5 and 3x3 blocks (random weights) at
    batch 1 and 64: the whole packed block, and its XNOR kernel's serial and
    parallel builds called directly with the block's arguments.
+3. Every kernel call of LeNet-5, NIN and AlexNet (random weights) at batch 1
+   and 4, where the two builds cross: its work and the times of its serial and
+   parallel builds, the measurements behind the kernels' ``serial_below``
+   thresholds.
 
 One JSON line per measurement after a run header (commit, CPU, load average).
 """
@@ -16,23 +20,26 @@ One JSON line per measurement after a run header (commit, CPU, load average).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cli import ArgumentParser, UserError, positive_int, run_cli, setup_logging
+from ..cli import ArgumentParser, positive_int, run_cli, setup_logging
 from ..metrics import REPO_ROOT, MetricsLog, run_header
 from . import kernels
+from .archs import build_arch
+from .benchmark import NETWORKS, block_inputs, build_networks, run_fresh_process
+from .engine import PackedBinConv2d, pack_model
 
 LOG = logging.getLogger("xnornet")
 LAYERS = ("omp", "workqueue")
@@ -59,6 +66,31 @@ def medians_us(runs: Dict[str, Callable[[], Any]], repeats: int) -> Dict[str, fl
             run()
             times[name].append(time.perf_counter() - start)
     return {name: 1e6 * statistics.median(values) for name, values in times.items()}
+
+
+def recorded_calls(module: torch.nn.Module, x: Any) -> List[Tuple[kernels.Kernel, tuple, Optional[int]]]:
+    """The kernel calls (kernel, arguments, work) that ``module(x)`` makes, in order; they also run."""
+    calls: List[Tuple[kernels.Kernel, tuple, Optional[int]]] = []
+    original = kernels.Kernel.__call__
+
+    def record(kernel: kernels.Kernel, *args: Any, work: Optional[int] = None, threads: Optional[int] = None) -> None:
+        calls.append((kernel, args, work))
+        original(kernel, *args, work=work, threads=threads)
+
+    kernels.Kernel.__call__ = record  # type: ignore[method-assign]  # restored below, whatever happens
+    try:
+        with torch.no_grad():
+            module(x)
+    finally:
+        kernels.Kernel.__call__ = original  # type: ignore[method-assign]
+    return calls
+
+
+def with_rows(kernel: kernels.Kernel, args: tuple, parallel: bool) -> tuple:
+    """The arguments of a recorded call, the XNOR kernel's rows per job set as the engine would."""
+    if kernel is not kernels.xnor_conv:
+        return args
+    return args[:-1] + (kernels.rows_per_job(args[9].shape[1], args[0].shape[0], 2, parallel),)
 
 
 def _nearly_empty(values):  # pragma: no cover  (compiled)
@@ -90,9 +122,6 @@ def loop_costs(layer: str, repeats: int) -> Dict[str, Any]:
 
 def block_costs(repeats: int) -> List[Dict[str, Any]]:
     """Part 2: NIN's 5x5 and 3x3 blocks, whole and their XNOR kernel's two builds."""
-    from .benchmark import block_inputs, build_networks
-    from .engine import PackedBinConv2d, pack_model
-
     torch.set_num_threads(2)
     kernels.sync_threads(2)
     packed = pack_model(build_networks("nin")[0])
@@ -101,24 +130,8 @@ def block_costs(repeats: int) -> List[Dict[str, Any]]:
         inputs = block_inputs(packed, PackedBinConv2d, torch.randn(batch, 3, 32, 32))
         for name in ("xnor.6", "xnor.10"):
             block, x = packed.get_submodule(name), inputs[name]
-            calls: List[tuple] = []
-            original = kernels.Kernel.__call__
-
-            def record(kernel, *args, work=None, threads=None):  # the block's own kernel arguments
-                if kernel is kernels.xnor_conv:
-                    calls.append(args)
-                original(kernel, *args, work=work, threads=threads)
-
-            kernels.Kernel.__call__ = record
-            try:
-                with torch.no_grad():
-                    block(x)
-            finally:
-                kernels.Kernel.__call__ = original
-            args = list(calls[0])
-            out_h = args[9].shape[1]
-            serial_args = args[:-1] + [kernels.rows_per_job(out_h, batch, 2, parallel=False)]
-            parallel_args = args[:-1] + [kernels.rows_per_job(out_h, batch, 2, parallel=True)]
+            kernel, args, _ = next(call for call in recorded_calls(block, x) if call[0] is kernels.xnor_conv)
+            serial_args, parallel_args = with_rows(kernel, args, False), with_rows(kernel, args, True)
             count = repeats if batch == 1 else max(3, repeats // 40)
             with torch.no_grad():
                 figures = medians_us({"block_us": lambda: block(x),
@@ -130,6 +143,25 @@ def block_costs(repeats: int) -> List[Dict[str, Any]]:
     return records
 
 
+def crossover(repeats: int) -> List[Dict[str, Any]]:
+    """Part 3: serial against parallel build of every kernel call of the three networks."""
+    torch.set_num_threads(2)
+    kernels.sync_threads(2)
+    records = []
+    for arch, (_, input_shape, _) in NETWORKS.items():
+        packed = pack_model(build_arch(arch).eval())
+        for batch in (1, 4):
+            for kernel, args, work in recorded_calls(packed, torch.randn(batch, *input_shape)):
+                serial_args, parallel_args = with_rows(kernel, args, False), with_rows(kernel, args, True)
+                count = max(3, min(repeats, int(2e8 // max(work or 1, 1))))
+                figures = medians_us({"serial_us": lambda: kernel.serial(*serial_args),
+                                      "parallel_us": lambda: kernel.parallel(*parallel_args)}, count)
+                records.append({"event": "crossover", "arch": arch, "batch": batch,
+                                "kernel": kernel.serial.__name__.removesuffix("_serial").lstrip("_"),
+                                "work": work, "serial_below": kernel.serial_below, **figures})
+    return records
+
+
 def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
     log = MetricsLog(args.out)
     if args.loop_only:
@@ -137,20 +169,26 @@ def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
         log.write(record)
         return [record]
     log.write(run_header(vars(args), load_average=os.getloadavg()))
+    start = args.out.stat().st_size
     for layer in LAYERS:
-        command = [sys.executable, "-m", "xnornet.packed.threads_report", "--loop-only", layer,
-                   "--repeats", str(args.repeats), "--out", str(args.out)]
-        child = subprocess.run(command, env={**os.environ, "NUMBA_THREADING_LAYER": layer, "OMP_NUM_THREADS": "2"},
-                               check=False)
-        if child.returncode != 0:
-            raise UserError(f"the {layer} measurement process failed (exit {child.returncode})")
-    records = block_costs(args.repeats)
-    for record in records:
+        run_fresh_process("xnornet.packed.threads_report",
+                          ["--loop-only", layer, "--repeats", str(args.repeats), "--out", str(args.out)],
+                          {"NUMBA_THREADING_LAYER": layer, "OMP_NUM_THREADS": "2"}, f"the {layer} layer")
+    with open(args.out, encoding="utf-8") as handle:
+        handle.seek(start)
+        records = [json.loads(line) for line in handle]
+    records += block_costs(args.repeats) + crossover(args.repeats)
+    for record in records[len(LAYERS):]:
         log.write(record)
     log.write({"event": "end", "load_average": os.getloadavg()})
-    with open(args.out, encoding="utf-8") as handle:
-        lines = handle.read().splitlines()
-    print("\n".join(lines[-(len(LAYERS) + len(records) + 1):-1]))
+    for record in records:
+        if record["event"] != "crossover":
+            print(json.dumps(record))
+    crossings = sorted({(r["kernel"], r["work"], r["parallel_us"] < r["serial_us"])
+                        for r in records if r["event"] == "crossover"})
+    for name in sorted({kernel for kernel, _, _ in crossings}):
+        line = ", ".join(f"{work}{'+' if faster else '-'}" for kernel, work, faster in crossings if kernel == name)
+        print(f"{name}, work per call (+: parallel faster, -: serial faster): {line}")
     return records
 
 
