@@ -357,9 +357,10 @@ def rows_per_job(out_h: int, n_batch: int, threads: int, parallel: bool) -> int:
 
 
 # The thresholds come from measurements on a quiet 2-core machine, serial against
-# parallel build of each kernel call in LeNet-5, NIN and AlexNet at batch 1, 4 and
-# 64 (the README's "Threads"); the work-queue ones, from the same comparison at
-# batch 1 before the OpenMP layer was used.
+# parallel build of each kernel call in LeNet-5, NIN and AlexNet at batch 1 and 4
+# (``python -m xnornet.packed.threads_report``, CIFAR_10/logs/packed_threads.jsonl);
+# the work-queue ones, from the same comparison at batch 1 before the OpenMP layer
+# was used.
 #: work = values read; the serial builds handle a few per nanosecond.
 pack_nhwc = Kernel(_pack_nhwc, serial_below=100_000 if CHEAP_PARALLEL_START else 2_000_000)
 pack_nchw = Kernel(_pack_nchw, serial_below=10_000 if CHEAP_PARALLEL_START else 2_000_000)
