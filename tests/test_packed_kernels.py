@@ -7,6 +7,7 @@ Shapes cover kernel sizes 1-11, strides 1-4, zero padding, groups, batch sizes
 from __future__ import annotations
 
 import ctypes.util
+import multiprocessing
 import os
 import sys
 
@@ -301,3 +302,29 @@ def test_parallel_kernels_run_on_numbas_openmp_layer_on_linux() -> None:
     else:
         expected = "omp" if sys.platform.startswith("linux") and ctypes.util.find_library("gomp") else "workqueue"
     assert kernels.threading_layer() == expected
+
+
+def _pack_in_child(result) -> None:
+    x = np.ones((1, 3, 2, 2), np.float32)
+    packed = np.zeros((1, 2, 2, 1, 1), np.int64)
+    kernels.pack_nchw(x, np.zeros(3, np.float32), 1, 0, packed, work=10**9, threads=2)
+    result.put(int(packed[0, 0, 0, 0, 0]))
+
+
+def test_a_forked_child_runs_the_serial_builds() -> None:
+    """After the parent ran a parallel loop, a forked child's call (large work, two threads)
+    takes the serial build: GNU OpenMP would stop the child in the parallel one."""
+    previous = kernels.numba.get_num_threads()
+    kernels.sync_threads(2)
+    try:
+        kernels.pack_nchw(np.ones((1, 3, 2, 2), np.float32), np.zeros(3, np.float32), 1, 0,
+                          np.zeros((1, 2, 2, 1, 1), np.int64), work=10**9, threads=2)
+        assert kernels.pack_nchw.runs_parallel(10**9, 2)
+        context = multiprocessing.get_context("fork")
+        result = context.Queue()
+        child = context.Process(target=_pack_in_child, args=(result,))
+        child.start()
+        child.join(60)
+    finally:
+        kernels.sync_threads(previous)
+    assert child.exitcode == 0 and result.get(timeout=5) == 0b111

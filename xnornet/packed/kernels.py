@@ -56,8 +56,7 @@ def choose_threading_layer() -> str:
     convolutions alternating call by call sometimes slowed the convolutions (the
     pools share two cores), and sometimes not. Where numba cannot load it, the
     "default" order falls back to the work queue. GNU OpenMP is not fork-safe:
-    a child forked after a parallel loop must not run packed kernels (numba
-    stops it with a message); data-loader workers only load data. A
+    in a forked child the kernels run their serial builds (:class:`Kernel`). A
     ``NUMBA_THREADING_LAYER`` set by the user wins. Must run before the first
     parallel call.
     """
@@ -317,20 +316,23 @@ def _renamed(function: Callable, suffix: str) -> Callable:
 class Kernel:
     """A kernel compiled twice: with ``prange`` on numba's threads, and serial.
 
-    Starting the thread pool costs tens of microseconds per call, more than a
-    small layer's whole work at batch 1; calls with ``work`` (roughly, operations)
-    below ``serial_below``, or with one thread, run the serial build.
+    Starting a parallel loop costs more than a small layer's whole work at
+    batch 1; calls with ``work`` (roughly, operations) below ``serial_below``, or
+    with one thread, run the serial build. So do calls from a process forked
+    after this module was imported: GNU OpenMP cannot run a parallel loop in a
+    child forked from a process that used it (numba stops such a child).
     """
 
     def __init__(self, function: Callable, serial_below: int) -> None:
         self.parallel = njit(parallel=True, cache=True)(function)
         self.serial = njit(cache=True)(_renamed(function, "_serial"))
         self.serial_below = serial_below
+        self.process = os.getpid()  # a forked child inherits this and sees another pid
         self.__doc__ = function.__doc__
 
     def runs_parallel(self, work: Optional[int], threads: Optional[int]) -> bool:
         """Whether a call with this work and thread count takes the parallel build."""
-        return threads != 1 and (work is None or work >= self.serial_below)
+        return threads != 1 and (work is None or work >= self.serial_below) and os.getpid() == self.process
 
     def __call__(self, *args: Any, work: Optional[int] = None, threads: Optional[int] = None) -> None:
         """Run on ``threads`` threads (default: numba's current count); serial for one or for small work.
