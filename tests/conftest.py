@@ -59,5 +59,17 @@ class ReferenceSign(torch.autograd.Function):
 
 
 @pytest.fixture
+def two_threads():
+    """numba's parallel loops on two threads for the test; numba's and PyTorch's thread counts restored after."""
+    from xnornet.packed import kernels
+
+    torch_threads, numba_threads = torch.get_num_threads(), kernels.numba.get_num_threads()
+    kernels.sync_threads(2)
+    yield
+    torch.set_num_threads(torch_threads)
+    kernels.sync_threads(numba_threads)
+
+
+@pytest.fixture
 def run_main():
     return run_script

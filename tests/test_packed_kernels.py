@@ -241,7 +241,7 @@ def test_packed_block_is_inference_only() -> None:
         packed(torch.randn(1, 8, 4, 4))
 
 
-def test_parallel_builds_give_the_serial_results() -> None:
+def test_parallel_builds_give_the_serial_results(two_threads) -> None:
     """Every kernel's prange build (used above the work thresholds, which the small test
     shapes never reach) writes exactly what its serial build writes, with several rows per job."""
     generator = torch.Generator().manual_seed(5)
@@ -254,48 +254,38 @@ def test_parallel_builds_give_the_serial_results() -> None:
     alpha = torch.rand(cout, generator=generator).numpy()
     bias = torch.randn(cout, generator=generator).numpy()
     limits = torch.randint(-cin * k * k, cin * k * k, (cout,), generator=generator).to(torch.int32).numpy()
-    previous = kernels.numba.get_num_threads()
-    kernels.sync_threads(2)
-    try:
-        results = {}
-        for build in ("serial", "parallel"):
-            packed = np.zeros((batch, height + 2 * padding, width + 2 * padding, 1, words_for(cin)), np.int64)
-            getattr(kernels.pack_nchw, build)(x.numpy(), thresholds, 1, padding, packed)
-            packed_nhwc = np.zeros_like(packed)
-            getattr(kernels.pack_nhwc, build)(x.permute(0, 2, 3, 1).contiguous().numpy(), thresholds, 1, padding,
-                                              packed_nhwc)
-            out = np.empty((batch, height, width, cout), np.float32)
-            getattr(kernels.xnor_conv, build)(packed, weight, offsets, 1, k, k, alpha, bias, kernels.empty_scale(),
-                                              out, *kernels.no_bit_output(), 0, 3)
-            bits = np.zeros((batch, height, width, 1, words_for(cout)), np.int64)
-            getattr(kernels.xnor_conv, build)(packed, weight, offsets, 1, k, k, np.empty(0, np.float32),
-                                              np.empty(0, np.float32), kernels.empty_scale(),
-                                              np.empty((batch, height, width, 0), np.float32), limits, bits, 0, 2)
-            pooled = np.zeros((batch, 4 + 2, 3 + 2, 1, words_for(cout)), np.int64)
-            getattr(kernels.maxpool_bits, build)(bits, 3, 2, 1, pooled, 1)
-            merged = np.zeros((batch, height + 2 * padding, width + 2 * padding - k + 1, 1, words_for(k * cin)),
-                              np.int64)
-            getattr(kernels.merge_kernel_rows, build)(packed, k, cin, merged)
-            results[build] = (packed, packed_nhwc, out, bits, pooled, merged)
-    finally:
-        kernels.sync_threads(previous)
+    results = {}
+    for build in ("serial", "parallel"):
+        packed = np.zeros((batch, height + 2 * padding, width + 2 * padding, 1, words_for(cin)), np.int64)
+        getattr(kernels.pack_nchw, build)(x.numpy(), thresholds, 1, padding, packed)
+        packed_nhwc = np.zeros_like(packed)
+        getattr(kernels.pack_nhwc, build)(x.permute(0, 2, 3, 1).contiguous().numpy(), thresholds, 1, padding,
+                                          packed_nhwc)
+        out = np.empty((batch, height, width, cout), np.float32)
+        getattr(kernels.xnor_conv, build)(packed, weight, offsets, 1, k, k, alpha, bias, kernels.empty_scale(),
+                                          out, *kernels.no_bit_output(), 0, 3)
+        bits = np.zeros((batch, height, width, 1, words_for(cout)), np.int64)
+        getattr(kernels.xnor_conv, build)(packed, weight, offsets, 1, k, k, np.empty(0, np.float32),
+                                          np.empty(0, np.float32), kernels.empty_scale(),
+                                          np.empty((batch, height, width, 0), np.float32), limits, bits, 0, 2)
+        pooled = np.zeros((batch, 4 + 2, 3 + 2, 1, words_for(cout)), np.int64)
+        getattr(kernels.maxpool_bits, build)(bits, 3, 2, 1, pooled, 1)
+        merged = np.zeros((batch, height + 2 * padding, width + 2 * padding - k + 1, 1, words_for(k * cin)),
+                          np.int64)
+        getattr(kernels.merge_kernel_rows, build)(packed, k, cin, merged)
+        results[build] = (packed, packed_nhwc, out, bits, pooled, merged)
     for serial, parallel in zip(results["serial"], results["parallel"]):
         np.testing.assert_array_equal(serial, parallel)
     assert np.array_equal(results["serial"][0], results["serial"][1]) and results["serial"][3].any()
     assert results["serial"][5].any()
 
 
-def test_parallel_kernels_run_on_numbas_openmp_layer_on_linux() -> None:
+def test_parallel_kernels_run_on_numbas_openmp_layer_on_linux(two_threads) -> None:
     """On Linux with GNU OpenMP, numba's parallel loops take its OpenMP layer (a loop starts in
     microseconds, not the work queue's ~100 µs); elsewhere the work queue; a user's
     NUMBA_THREADING_LAYER wins."""
-    previous = kernels.numba.get_num_threads()
-    kernels.sync_threads(2)
-    try:
-        packed = np.zeros((1, 2, 2, 1, 1), np.int64)
-        kernels.pack_nchw.parallel(np.ones((1, 3, 2, 2), np.float32), np.zeros(3, np.float32), 1, 0, packed)
-    finally:
-        kernels.sync_threads(previous)
+    packed = np.zeros((1, 2, 2, 1, 1), np.int64)
+    kernels.pack_nchw.parallel(np.ones((1, 3, 2, 2), np.float32), np.zeros(3, np.float32), 1, 0, packed)
     assert (packed == 0b111).all()
     if "NUMBA_THREADING_LAYER" in os.environ:
         expected = os.environ["NUMBA_THREADING_LAYER"]
@@ -311,20 +301,15 @@ def _pack_in_child(result) -> None:
     result.put(int(packed[0, 0, 0, 0, 0]))
 
 
-def test_a_forked_child_runs_the_serial_builds() -> None:
+def test_a_forked_child_runs_the_serial_builds(two_threads) -> None:
     """After the parent ran a parallel loop, a forked child's call (large work, two threads)
     takes the serial build: GNU OpenMP would stop the child in the parallel one."""
-    previous = kernels.numba.get_num_threads()
-    kernels.sync_threads(2)
-    try:
-        kernels.pack_nchw(np.ones((1, 3, 2, 2), np.float32), np.zeros(3, np.float32), 1, 0,
-                          np.zeros((1, 2, 2, 1, 1), np.int64), work=10**9, threads=2)
-        assert kernels.pack_nchw.runs_parallel(10**9, 2)
-        context = multiprocessing.get_context("fork")
-        result = context.Queue()
-        child = context.Process(target=_pack_in_child, args=(result,))
-        child.start()
-        child.join(60)
-    finally:
-        kernels.sync_threads(previous)
+    kernels.pack_nchw(np.ones((1, 3, 2, 2), np.float32), np.zeros(3, np.float32), 1, 0,
+                      np.zeros((1, 2, 2, 1, 1), np.int64), work=10**9, threads=2)
+    assert kernels.pack_nchw.runs_parallel(10**9, 2)
+    context = multiprocessing.get_context("fork")
+    result = context.Queue()
+    child = context.Process(target=_pack_in_child, args=(result,))
+    child.start()
+    child.join(60)
     assert child.exitcode == 0 and result.get(timeout=5) == 0b111

@@ -122,7 +122,7 @@ def test_benchmark_runs_each_thread_count_in_a_fresh_process(tmp_path) -> None:
     assert sorted({r["threads"] for r in records}) == [1, 2] and len(records) == 2 * (2 + 2)
 
 
-def test_threads_report_logs_both_layers_and_both_builds(tmp_path) -> None:
+def test_threads_report_logs_both_layers_and_both_builds(tmp_path, two_threads) -> None:
     from xnornet.packed import threads_report
 
     out = tmp_path / "threads.jsonl"

@@ -100,8 +100,6 @@ def _nearly_empty(values):  # pragma: no cover  (compiled)
 
 def loop_costs(layer: str, repeats: int) -> Dict[str, Any]:
     """Part 1 in this process (its threading layer chosen by NUMBA_THREADING_LAYER)."""
-    torch.set_num_threads(2)
-    kernels.sync_threads(2)
     loop = numba.njit(parallel=True)(_nearly_empty)
     values = np.zeros(2)
     x, weight = torch.randn(1, 192, 8, 8), torch.randn(192, 192, 3, 3)
@@ -122,8 +120,6 @@ def loop_costs(layer: str, repeats: int) -> Dict[str, Any]:
 
 def block_costs(repeats: int) -> List[Dict[str, Any]]:
     """Part 2: NIN's 5x5 and 3x3 blocks, whole and their XNOR kernel's two builds."""
-    torch.set_num_threads(2)
-    kernels.sync_threads(2)
     packed = pack_model(build_networks("nin")[0])
     records = []
     for batch in (1, 64):
@@ -145,8 +141,6 @@ def block_costs(repeats: int) -> List[Dict[str, Any]]:
 
 def crossover(repeats: int) -> List[Dict[str, Any]]:
     """Part 3: serial against parallel build of every kernel call of the three networks."""
-    torch.set_num_threads(2)
-    kernels.sync_threads(2)
     records = []
     for arch, (_, input_shape, _) in NETWORKS.items():
         packed = pack_model(build_arch(arch).eval())
@@ -163,6 +157,8 @@ def crossover(repeats: int) -> List[Dict[str, Any]]:
 
 
 def main(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    torch.set_num_threads(2)  # every part measures two threads
+    kernels.sync_threads(2)
     log = MetricsLog(args.out)
     if args.loop_only:
         record = loop_costs(args.loop_only, args.repeats)
