@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes.util
 import multiprocessing
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -313,3 +314,83 @@ def test_a_forked_child_runs_the_serial_builds(two_threads) -> None:
     child.start()
     child.join(60)
     assert child.exitcode == 0 and result.get(timeout=5) == 0b111
+
+
+def recorded_block_call(block: PackedBinConv2d, x: torch.Tensor, monkeypatch) -> list:
+    """Every kernel call that ``block(x)`` makes, as (kernel, arguments, parallel)."""
+    calls = []
+    original = kernels.Kernel.__call__
+
+    def record(kernel, *args, work=None, threads=None, parallel=None):
+        calls.append((kernel, args, parallel))
+        original(kernel, *args, work=work, threads=threads, parallel=parallel)
+
+    monkeypatch.setattr(kernels.Kernel, "__call__", record)
+    with torch.no_grad():
+        block(x)
+    monkeypatch.undo()
+    return calls
+
+
+def merging_block(generator: torch.Generator) -> PackedBinConv2d:
+    """LeNet-5's second convolution with padding: packs, merges kernel rows, then convolves."""
+    block = BinConv2d(20, 50, kernel_size=5, stride=1, padding=2)
+    randomize_batchnorm(block, generator)
+    return PackedBinConv2d.from_block(block.eval())
+
+
+def test_a_block_is_one_kernel_call_which_its_steps_replay(monkeypatch) -> None:
+    """A block's forward makes one kernel call (each call from Python costs microseconds at
+    batch 1); the stand-alone kernels of ``block_steps``, run on emptied buffers, rebuild
+    exactly what that call wrote (``threads_report`` times those steps)."""
+    generator = torch.Generator().manual_seed(21)
+    block = merging_block(generator)
+    x = torch.randn(2, 20, 9, 8, generator=generator)
+    calls = recorded_block_call(block, x, monkeypatch)
+    assert [kernel for kernel, _, _ in calls] == [kernels.xnor_block]
+    args = calls[0][1]
+    steps = kernels.block_steps(*args)
+    assert [kernel for kernel, _, _ in steps] == [kernels.pack_nchw, kernels.merge_kernel_rows, kernels.xnor_conv]
+    written = [args[2], args[3], args[5]]  # packed, merged, out
+    expected = [array.copy() for array in written]
+    for array in written:
+        array[...] = 0
+    for kernel, step_args, work in steps:
+        kernel(*step_args, work=work, threads=1)
+    for array, wanted in zip(written, expected):
+        np.testing.assert_array_equal(array, wanted)
+    assert expected[2].any()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_the_blocks_parallel_build_gives_its_serial_result(layout: str, two_threads, monkeypatch) -> None:
+    """xnor_block with every step's loop parallel (the test shapes stay below the thresholds,
+    so the flags are set here) writes what its serial build writes."""
+    generator = torch.Generator().manual_seed(22)
+    block = merging_block(generator)
+    x = torch.randn(3, 20, 7, 9, generator=generator)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    (_, args, _), = recorded_block_call(block, x, monkeypatch)
+    assert args[0 if layout == "nhwc" else 1].size > 0
+    all_parallel = args[:12] + (True, True, True) + args[15:]
+    results = []
+    for build in (kernels.xnor_block.serial, kernels.xnor_block.parallel):
+        for index in (2, 3, 5):  # packed, merged, out
+            all_parallel[index][...] = 0
+        build(*all_parallel)
+        results.append([all_parallel[index].copy() for index in (2, 3, 5)])
+    for serial, parallel in zip(*results):
+        np.testing.assert_array_equal(serial, parallel)
+
+
+def test_starting_numbas_pool_keeps_pytorchs_thread_count() -> None:
+    """numba's OpenMP layer runs on PyTorch's OpenMP runtime, and starting numba's pool set that
+    runtime to NUMBA_NUM_THREADS: PyTorch, told to use one thread, then used two. A fresh process,
+    since this process may have started the pool already."""
+    code = ("import torch\nfrom xnornet.packed import kernels\ntorch.set_num_threads(1)\n"
+            "kernels.sync_threads(2)\nprint(torch.get_num_threads(), kernels.numba.get_num_threads())")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"})
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split() == ["1", "2"]

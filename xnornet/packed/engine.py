@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -124,6 +124,54 @@ class PackedActivations:
         return PackedActivations(self.words.copy(), self.padding, self.channels)
 
 
+@dataclass(frozen=True)
+class CallPlan:
+    """What a packed block's forward works out once per input layout, shape and thread count: the
+    buffer shapes and the fixed arguments of its kernel call (the padding correction, the work
+    split, which steps run in parallel). A forward at batch 1 takes tens of microseconds; redoing
+    this arithmetic in Python took a good part of it."""
+
+    packed_shape: Tuple[int, ...]
+    merged_shape: Tuple[int, ...]  # () when the block does not merge kernel rows
+    out_shape: Tuple[int, ...]  # [N, Ho, Wo, O] float output, or [N, Ho, Wo, 0] for a bit output
+    bits_shape: Tuple[int, ...]  # () unless the block emits bits
+    parallel: bool  # some step runs on several threads
+    constants: tuple  # :func:`~xnornet.packed.kernels.xnor_block`'s arguments from ``threshold`` on
+
+    @classmethod
+    def make(cls, block: "PackedBinConv2d", layout: str, shape: Tuple[int, ...], threads: int) -> "CallPlan":
+        c = block.config
+        if layout == "bits":
+            images, height, width = shape[0], shape[1] - 2 * c.padding, shape[2] - 2 * c.padding
+        else:
+            images, height, width = (shape[0], shape[1], shape[2]) if layout == "nhwc" else (
+                shape[0], shape[2], shape[3])
+        out_h = (height + 2 * c.padding - c.kernel_size) // c.stride + 1
+        out_w = (width + 2 * c.padding - c.kernel_size) // c.stride + 1
+        if out_h <= 0 or out_w <= 0:
+            raise ValueError(f"an input of {height}x{width} is smaller than the {c.kernel_size}x{c.kernel_size} kernel")
+        group_channels = c.input_channels // c.groups
+        packed_shape = (images, height + 2 * c.padding, width + 2 * c.padding, c.groups, words_for(group_channels))
+        merged_shape = packed_shape[:2] + (out_w, c.groups, words_for(c.kernel_size * group_channels))
+        pack = kernels.pack_nhwc if layout == "nhwc" else kernels.pack_nchw
+        pack_parallel = layout != "bits" and pack.runs_parallel(int(np.prod(shape)), threads)
+        merge_parallel = block._merge_rows and kernels.merge_kernel_rows.runs_parallel(
+            int(np.prod(packed_shape)), threads)
+        work = images * out_h * out_w * c.output_channels * block._kernel_weight.shape[2]
+        conv_parallel = kernels.xnor_conv.runs_parallel(work, threads)
+        ring = block.output_padding
+        constants = (block._feature_thresholds, c.groups, c.padding, c.kernel_size, group_channels, pack_parallel,
+                     merge_parallel, conv_parallel, block._kernel_weight, block._offset_table(height, width),
+                     c.stride, c.kernel_size, 1 if block._merge_rows else c.kernel_size,  # merged: 1-wide taps
+                     block._alpha, block._bias, block._limit, ring or 0,
+                     kernels.rows_per_job(out_h, images, threads, conv_parallel))
+        return cls(packed_shape, merged_shape if block._merge_rows else (),
+                   (images, out_h, out_w, 0 if ring is not None else c.output_channels),
+                   () if ring is None else (images, out_h + 2 * ring, out_w + 2 * ring, 1,
+                                            words_for(c.output_channels)),
+                   pack_parallel or merge_parallel or conv_parallel, constants)
+
+
 class PackedBinConv2d(nn.Module):
     """Inference-only replacement of a :class:`BinConv2d` block (see the module docstring).
 
@@ -198,6 +246,7 @@ class PackedBinConv2d(nn.Module):
                 config.kernel_size, config.stride, config.input_channels // config.groups)
             self._kernel_weight, self._tap_ones = runtime_weight(signs, config.groups, self._merge_rows)
             self._offsets: Dict[tuple, np.ndarray] = {}
+            self._plans: Dict[tuple, CallPlan] = {}
             zero = np.zeros(config.bn_channels, np.float32)
             channel_thresholds = self.threshold.numpy() if hasattr(self, "threshold") else zero
             self._feature_thresholds = (
@@ -208,6 +257,7 @@ class PackedBinConv2d(nn.Module):
             no_limit, self._no_bits = kernels.no_bit_output()
             self._limit = self.output_limit.numpy().astype(np.int32) if output_limit is not None else no_limit
             self._no_floats, self._no_scale = np.empty(0, np.float32), kernels.empty_scale()
+            self._no_input = np.empty((0, 0, 0, 0), np.float32)
             self._alpha = self.alpha.numpy() if hasattr(self, "alpha") else self._no_floats
             self._bias = self.bias.numpy() if hasattr(self, "bias") else self._no_floats
         self.eval()
@@ -257,8 +307,9 @@ class PackedBinConv2d(nn.Module):
             scale = BinConv2d.scale_map(self, x)  # type: ignore[arg-type]
         threads = torch.get_num_threads()  # the kernels follow PyTorch's thread count
         if isinstance(x, PackedActivations):
-            return self._xnor(self._check_bits(x), scale, x.shape[0], threads)
-        return self._xnor(self._pack_input(x, threads), scale, x.shape[0], threads)
+            return self._xnor("bits", self._check_bits(x), scale, x.shape[0], threads)
+        layout, floats = self._float_input(x)
+        return self._xnor(layout, floats, scale, x.shape[0], threads)
 
     def _check_bits(self, x: PackedActivations) -> np.ndarray:
         c = self.config
@@ -270,78 +321,52 @@ class PackedBinConv2d(nn.Module):
             return x.words.reshape(1, 1, -1, 1, words)
         return x.words
 
-    def _pack_input(self, x: torch.Tensor, threads: int) -> np.ndarray:
-        """Sign bits of ``x`` (``x >= threshold``), zero-padded: ``[N, H + 2p, W + 2p, G, CW]``.
-
-        A linear block is a 1x1 convolution over a ``1 x N`` image of feature vectors.
-        """
+    def _float_input(self, x: torch.Tensor) -> Tuple[str, np.ndarray]:
+        """``("nhwc", [N, H, W, C])`` or ``("nchw", [N, C, H, W])``: a C-contiguous float32 numpy
+        view (or copy) of ``x``. A linear block is a 1x1 convolution over a ``1 x N`` image of
+        feature vectors."""
         c = self.config
-        x = x.float()
+        if x.dtype != torch.float32:
+            x = x.float()
+        if x.requires_grad:  # detach() costs a tensor; inference inputs rarely need it
+            x = x.detach()
         if c.linear:
-            rows = x.reshape(x.shape[0], c.input_channels).contiguous()
-            x = rows.reshape(1, 1, rows.shape[0], c.input_channels).permute(0, 3, 1, 2)  # [1, F, 1, N]
-        elif x.dim() != 4 or x.shape[1] != c.input_channels:
+            rows = x.reshape(x.shape[0], c.input_channels).contiguous().numpy()
+            return "nhwc", rows.reshape(1, 1, rows.shape[0], c.input_channels)
+        if x.dim() != 4 or x.shape[1] != c.input_channels:
             raise ValueError(f"expected an input [N, {c.input_channels}, H, W], got {list(x.shape)}")
-        n_batch, _, height, width = x.shape
-        words = words_for(c.input_channels // c.groups)
-        packed = np.zeros((n_batch, height + 2 * c.padding, width + 2 * c.padding, c.groups, words), np.int64)
-        nhwc = x.detach().numpy().transpose(0, 2, 3, 1)  # numpy views: a few µs cheaper than torch's here
+        nhwc = x.numpy().transpose(0, 2, 3, 1)  # numpy views: a few µs cheaper than torch's here
         if nhwc.flags.c_contiguous:  # channels-last memory, as packed blocks return
-            kernels.pack_nhwc(nhwc, self._feature_thresholds, c.groups, c.padding, packed, work=nhwc.size,
-                              threads=threads)
-        else:
-            kernels.pack_nchw(x.contiguous().numpy(), self._feature_thresholds, c.groups, c.padding, packed,
-                              work=x.numel(), threads=threads)
-        return packed
+            return "nhwc", nhwc
+        return "nchw", x.contiguous().numpy()
 
-    def _xnor(self, packed: np.ndarray, scale: Optional[torch.Tensor], n_batch: int,
+    def _xnor(self, layout: str, source: np.ndarray, scale: Optional[torch.Tensor], n_batch: int,
               threads: int) -> Union[torch.Tensor, PackedActivations]:
-        """``relu(alpha * dot * K + bias)`` from packed inputs, as a channels-last NCHW tensor (or [N, O]);
-        or, for a bit-emitting block, the next block's sign bits."""
+        """``relu(alpha * dot * K + bias)`` as a channels-last NCHW tensor (or [N, O]), or, for a
+        bit-emitting block, the next block's sign bits; ``source`` is the packed input
+        (``layout`` "bits") or floats (:meth:`_float_input`). One kernel call does it all."""
+        key = (layout, source.shape, threads)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = CallPlan.make(self, layout, source.shape, threads)
+        packed = source if layout == "bits" else np.zeros(plan.packed_shape, np.int64)
+        merged = np.zeros(plan.merged_shape, np.int64) if plan.merged_shape else self._no_bits
+        bits = np.zeros(plan.bits_shape, np.int64) if plan.bits_shape else self._no_bits
+        out = np.empty(plan.out_shape, np.float32)
+        scale_array = self._no_scale if scale is None else np.ascontiguousarray(
+            scale.float().numpy()).reshape(plan.out_shape[:3])
+        kernels.xnor_block(source if layout == "nhwc" else self._no_input,
+                           source if layout == "nchw" else self._no_input, packed, merged, scale_array, out, bits,
+                           *plan.constants, parallel=plan.parallel, threads=threads)
         c = self.config
-        height, width = packed.shape[1] - 2 * c.padding, packed.shape[2] - 2 * c.padding
-        out_h = (height + 2 * c.padding - c.kernel_size) // c.stride + 1
-        out_w = (width + 2 * c.padding - c.kernel_size) // c.stride + 1
-        if out_h <= 0 or out_w <= 0:
-            raise ValueError(f"an input of {height}x{width} is smaller than the {c.kernel_size}x{c.kernel_size} kernel")
-        work = packed.shape[0] * out_h * out_w * c.output_channels * self._kernel_weight.shape[2]
-        offsets = self._offset_table(height, width)
-        rows = kernels.rows_per_job(out_h, packed.shape[0], threads, kernels.xnor_conv.runs_parallel(work, threads))
-        kernel_w = c.kernel_size
-        if self._merge_rows:  # the kernel then sees 1-wide taps of merged rows (stride 1)
-            packed = self._merged_rows(packed, out_w, threads)
-            kernel_w = 1
-        if self.output_padding is not None:
-            ring = self.output_padding
-            bits = np.zeros((packed.shape[0], out_h + 2 * ring, out_w + 2 * ring, 1, words_for(c.output_channels)),
-                            np.int64)
-            shape_only = np.empty((packed.shape[0], out_h, out_w, 0), np.float32)
-            kernels.xnor_conv(packed, self._kernel_weight, offsets, c.stride, c.kernel_size, kernel_w,
-                              self._no_floats, self._no_floats, self._no_scale, shape_only, self._limit, bits, ring,
-                              rows, work=work, threads=threads)
+        if plan.bits_shape:
             if c.linear:  # back from the 1 x N image to one feature vector per sample
                 bits = bits.reshape(n_batch, 1, 1, 1, -1)
-            return PackedActivations(bits, ring, c.output_channels)
-        out = np.empty((packed.shape[0], out_h, out_w, c.output_channels), np.float32)
-        scale_array = self._no_scale if scale is None else np.ascontiguousarray(
-            scale.float().numpy()).reshape(packed.shape[0], out_h, out_w)
-        kernels.xnor_conv(packed, self._kernel_weight, offsets, c.stride,
-                          c.kernel_size, kernel_w, self._alpha, self._bias, scale_array, out,
-                          self._limit, self._no_bits, 0, rows, work=work, threads=threads)
+            return PackedActivations(bits, self.output_padding, c.output_channels)
         result = torch.from_numpy(out)
         if c.linear:
             return result.reshape(n_batch, c.output_channels)
         return result.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
-
-    def _merged_rows(self, packed: np.ndarray, out_w: int, threads: int) -> np.ndarray:
-        """Packed input ``[N, H+2p, W+2p, G, CW]`` -> each output column's window rows as one
-        bit stream ``[N, H+2p, Wo, G, ceil(KW C_g / 64)]`` (``pack.merges_kernel_rows``)."""
-        c = self.config
-        group_channels = c.input_channels // c.groups
-        merged = np.zeros(packed.shape[:2] + (out_w, c.groups, words_for(c.kernel_size * group_channels)), np.int64)
-        kernels.merge_kernel_rows(packed, c.kernel_size, group_channels, merged, work=packed.size,
-                                  threads=threads)
-        return merged
 
     def _offset_table(self, height: int, width: int) -> np.ndarray:
         """The padding correction of eq. (14) for an input of ``height x width`` (cached)."""

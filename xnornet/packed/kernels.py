@@ -31,11 +31,13 @@ from __future__ import annotations
 import ctypes.util
 import os
 import sys
+import threading
 import types as pytypes
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import numba
 import numpy as np
+import torch
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
@@ -51,10 +53,11 @@ def choose_threading_layer() -> str:
     Measured on this 2-core VM (``python -m xnornet.packed.threads_report``): a
     parallel loop starts and joins in about 2-4 µs on the OpenMP layer, against
     about 100 µs on the work queue, which at batch 1 cost more than a small
-    layer's whole work. numba's OpenMP pool is its own (numba links the system's
-    libgomp, PyTorch brings another); with either layer, numba loops and PyTorch
-    convolutions alternating call by call sometimes slowed the convolutions (the
-    pools share two cores), and sometimes not. Where numba cannot load it, the
+    layer's whole work. With PyTorch imported first (the engine imports it), numba's
+    OpenMP layer runs on PyTorch's own GNU OpenMP runtime: ``LD_DEBUG=bindings``
+    shows numba's ``GOMP_parallel`` and ``omp_set_num_threads`` bound to the libgomp
+    in torch/lib, though the system's copy is loaded too; one pool serves both
+    (:func:`sync_threads` keeps PyTorch's thread count). Where numba cannot load it, the
     "default" order falls back to the work queue. GNU OpenMP is not fork-safe:
     in a forked child the kernels run their serial builds (:class:`Kernel`). A
     ``NUMBA_THREADING_LAYER`` set by the user wins. Must run before the first
@@ -97,59 +100,200 @@ def _flags_to_word(flag_words, k):  # pragma: no cover  (compiled)
     return word
 
 
+@njit(cache=True)
+def _pack_nhwc_row(x, threshold, groups, padding, out, job):  # pragma: no cover  (compiled)
+    """Row ``job`` (image ``job // H``, row ``job % H``) of :func:`pack_nhwc`."""
+    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+    words = out.shape[4]
+    per_group = channels // groups
+    n = job // height
+    h = job - n * height
+    flags = np.zeros(words * WORD_BITS, np.uint8)  # bytes past per_group stay 0
+    flag_words = flags.view(np.int64)
+    for w in range(width):
+        pixel = x[n, h, w]
+        for g in range(groups):
+            base = g * per_group
+            for c in range(per_group):
+                flags[c] = pixel[base + c] >= threshold[base + c]
+            dst = out[n, h + padding, w + padding, g]
+            for k in range(words):
+                dst[k] = _flags_to_word(flag_words, k)
+
+
+@njit(cache=True)
+def _pack_nchw_row(x, threshold, groups, padding, out, job):  # pragma: no cover  (compiled)
+    """Row ``job`` of :func:`pack_nchw`: each channel's contiguous row of ``W`` values ORs its
+    bit into the words of all ``W`` positions at once (vectorized over positions)."""
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    words = out.shape[4]
+    per_group = channels // groups
+    n = job // height
+    h = job - n * height
+    row_words = np.zeros((groups * words, width), np.int64)
+    for c in range(channels):
+        g = c // per_group
+        local = c - g * per_group
+        k = local // WORD_BITS
+        shift = np.int64(local - k * WORD_BITS)
+        t = threshold[c]
+        values = x[n, c, h]
+        target = row_words[g * words + k]
+        for w in range(width):
+            target[w] |= np.int64(values[w] >= t) << shift
+    for w in range(width):
+        dst = out[n, h + padding, w + padding]
+        for g in range(groups):
+            for k in range(words):
+                dst[g, k] = row_words[g * words + k, w]
+
+
+@njit(cache=True)
+def _merge_row(x, kernel_w, group_channels, out, job):  # pragma: no cover  (compiled)
+    """Row ``job`` (image ``job // H``, row ``job % H``) of :func:`merge_kernel_rows`."""
+    height, words = x.shape[1], x.shape[4]
+    groups, out_w, row_words = out.shape[3], out.shape[2], out.shape[4]
+    n = job // height
+    y = job - n * height
+    for g in range(groups):
+        src = x[n, y, :, g]  # [W, CW]
+        dst = out[n, y, :, g]  # [Wo, RW]
+        for kx in range(kernel_w):
+            for k in range(words):
+                position = kx * group_channels + k * WORD_BITS
+                index = position // WORD_BITS
+                shift = position - index * WORD_BITS
+                for ox in range(out_w):  # the same shift for every column: a vectorizable loop
+                    dst[ox, index] |= src[ox + kx, k] << shift
+                if shift > 0 and index + 1 < row_words:
+                    # a logical right shift: the arithmetic one, then the sign copies masked off
+                    low_bits = (np.int64(1) << shift) - 1
+                    for ox in range(out_w):
+                        dst[ox, index + 1] |= (src[ox + kx, k] >> (WORD_BITS - shift)) & low_bits
+
+
+@njit(cache=True)
+def _maxpool_row(x, kernel, stride, padding, out, out_padding, job):  # pragma: no cover  (compiled)
+    """Output row ``job`` (image ``job // Ho``, row ``job % Ho``) of :func:`maxpool_bits`."""
+    height, width, groups, words = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
+    out_h = out.shape[1] - 2 * out_padding
+    out_w = out.shape[2] - 2 * out_padding
+    n = job // out_h
+    oy = job - n * out_h
+    for ox in range(out_w):
+        dst = out[n, oy + out_padding, ox + out_padding]
+        for ky in range(kernel):
+            iy = oy * stride - padding + ky
+            if iy < 0 or iy >= height:
+                continue
+            for kx in range(kernel):
+                ix = ox * stride - padding + kx
+                if ix < 0 or ix >= width:
+                    continue
+                src = x[n, iy, ix]
+                for g in range(groups):
+                    for k in range(words):
+                        dst[g, k] |= src[g, k]
+
+
+@njit(cache=True)
+def _conv_job_count(x, weight, out, limit, rows_per_job):  # pragma: no cover  (compiled)
+    """How many jobs :func:`_conv_job` splits a convolution into."""
+    out_h = out.shape[1]
+    chunks = (out_h + rows_per_job - 1) // rows_per_job
+    return x.shape[0] * chunks * x.shape[3] * weight.shape[1]
+
+
+@njit(cache=True)
+def _conv_job(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
+              limit, out_bits, out_padding, rows_per_job, job):  # pragma: no cover  (compiled)
+    """Job ``job`` of :func:`xnor_conv`: ``rows_per_job`` output rows of one image, one group
+    and one block of output channels."""
+    groups, words = x.shape[3], x.shape[4]
+    blocks, reduction, block = weight.shape[1], weight.shape[2], weight.shape[3]
+    emit_bits = limit.size > 0
+    out_h, out_w = out.shape[1], out.shape[2]
+    out_channels = limit.size if emit_bits else out.shape[3]
+    per_group = out_channels // groups
+    per_position_offset = offset.shape[0] > 1
+    has_scale = scale.size > 0
+    chunks = (out_h + rows_per_job - 1) // rows_per_job
+    jobs_per_image = chunks * groups * blocks
+    n = job // jobs_per_image
+    rest = job - n * jobs_per_image
+    chunk = rest // (groups * blocks)
+    rest -= chunk * (groups * blocks)
+    g = rest // blocks
+    b = rest - g * blocks
+    kernel = weight[g, b]
+    first = g * per_group + b * block
+    stop = first + min(block, per_group - b * block)
+    # One 2-D array each (not one per position): LLVM then needs a single alias check to vectorize.
+    acc = np.zeros((2, block), np.int64)
+    values = np.zeros((2, reduction), np.int64)  # the rounding-up tail stays 0
+    limits = limit[first:stop]  # empty slices in the mode that does not use them
+    # Flag bytes of this job's channels, rounded up to whole words (the tail stays 0).
+    flags = np.zeros(((stop - first + WORD_BITS - 1) // WORD_BITS * WORD_BITS) if emit_bits else 0, np.uint8)
+    flag_words = flags.view(np.int64)
+    alphas, biases = alpha[first:stop], bias[first:stop]
+    for oy in range(chunk * rows_per_job, min(out_h, (chunk + 1) * rows_per_job)):
+        for ox0 in range(0, out_w, 2):
+            ox1 = min(ox0 + 1, out_w - 1)  # an odd last position is computed twice, written once
+            r = 0
+            for ky in range(kernel_h):
+                row = x[n, oy * stride + ky]
+                for kx in range(kernel_w):
+                    pixel0 = row[ox0 * stride + kx, g]
+                    pixel1 = row[ox1 * stride + kx, g]
+                    for k in range(words):
+                        values[0, r] = pixel0[k]
+                        values[1, r] = pixel1[k]
+                        r += 1
+            acc[:] = 0
+            for j in range(0, reduction, 4):
+                a0, a1, a2, a3 = values[0, j], values[0, j + 1], values[0, j + 2], values[0, j + 3]
+                b0, b1, b2, b3 = values[1, j], values[1, j + 1], values[1, j + 2], values[1, j + 3]
+                for o in range(block):
+                    w0, w1, w2, w3 = kernel[j, o], kernel[j + 1, o], kernel[j + 2, o], kernel[j + 3, o]
+                    acc[0, o] += (popcount64(a0 ^ w0) + popcount64(a1 ^ w1)) + (
+                        popcount64(a2 ^ w2) + popcount64(a3 ^ w3))
+                    acc[1, o] += (popcount64(b0 ^ w0) + popcount64(b1 ^ w1)) + (
+                        popcount64(b2 ^ w2) + popcount64(b3 ^ w3))
+            for which in range(2):
+                ox = ox0 + which
+                if ox >= out_w:
+                    break
+                # Contiguous slices and max(): this loop vectorizes (per-element indexing did not).
+                at_y, at_x = (oy, ox) if per_position_offset else (0, 0)
+                positions = offset[at_y, at_x, first:stop]
+                ones = acc[which]
+                if emit_bits:
+                    for o in range(stop - first):  # one flag byte per channel (vectorizes)
+                        flags[o] = positions[o] - 2 * ones[o] >= limits[o]
+                    dst_words = out_bits[n, oy + out_padding, ox + out_padding, 0]
+                    for k in range(flag_words.size // 8):
+                        dst_words[first // WORD_BITS + k] = _flags_to_word(flag_words, k)
+                    continue
+                factor = scale[n, oy, ox] if has_scale else np.float32(1.0)
+                dst = out[n, oy, ox, first:stop]
+                for o in range(stop - first):
+                    value = alphas[o] * np.float32(positions[o] - 2 * ones[o]) * factor + biases[o]
+                    dst[o] = max(value, np.float32(0.0))
+
+
 def _pack_nhwc(x, threshold, groups, padding, out):  # pragma: no cover  (compiled)
     """Bits ``x[n, h, w, c] >= threshold[c]`` of a C-contiguous float32 NHWC array.
 
     ``out`` [N, H + 2 padding, W + 2 padding, G, CW] int64 must be zero on the padding ring.
     """
-    n_batch, height, width, channels = x.shape
-    words = out.shape[4]
-    per_group = channels // groups
-    for job in prange(n_batch * height):
-        n = job // height
-        h = job - n * height
-        flags = np.zeros(words * WORD_BITS, np.uint8)  # bytes past per_group stay 0
-        flag_words = flags.view(np.int64)
-        for w in range(width):
-            pixel = x[n, h, w]
-            for g in range(groups):
-                base = g * per_group
-                for c in range(per_group):
-                    flags[c] = pixel[base + c] >= threshold[base + c]
-                dst = out[n, h + padding, w + padding, g]
-                for k in range(words):
-                    dst[k] = _flags_to_word(flag_words, k)
+    for job in prange(x.shape[0] * x.shape[1]):
+        _pack_nhwc_row(x, threshold, groups, padding, out, job)
 
 
 def _pack_nchw(x, threshold, groups, padding, out):  # pragma: no cover  (compiled)
-    """``pack_nhwc`` for a C-contiguous NCHW array (no transposed float copy needed).
-
-    One job packs one image row: each channel's contiguous row of ``W`` values
-    ORs its bit into the words of all ``W`` positions at once (vectorized over
-    positions), then the words are written out per position.
-    """
-    n_batch, channels, height, width = x.shape
-    words = out.shape[4]
-    per_group = channels // groups
-    for job in prange(n_batch * height):
-        n = job // height
-        h = job - n * height
-        row_words = np.zeros((groups * words, width), np.int64)
-        for c in range(channels):
-            g = c // per_group
-            local = c - g * per_group
-            k = local // WORD_BITS
-            shift = np.int64(local - k * WORD_BITS)
-            t = threshold[c]
-            values = x[n, c, h]
-            target = row_words[g * words + k]
-            for w in range(width):
-                target[w] |= np.int64(values[w] >= t) << shift
-        for w in range(width):
-            dst = out[n, h + padding, w + padding]
-            for g in range(groups):
-                for k in range(words):
-                    dst[g, k] = row_words[g * words + k, w]
+    """``pack_nhwc`` for a C-contiguous NCHW array (no transposed float copy needed)."""
+    for job in prange(x.shape[0] * x.shape[2]):
+        _pack_nchw_row(x, threshold, groups, padding, out, job)
 
 
 def _xnor_conv(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
@@ -172,77 +316,9 @@ def _xnor_conv(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale
     LLVM vectorizes (VPOPCNTQ where the CPU has it). ``weight`` has ``R``
     rounded up to a multiple of 4 with zero rows, which add nothing.
     """
-    n_batch, _, _, groups, words = x.shape
-    blocks, reduction, block = weight.shape[1], weight.shape[2], weight.shape[3]
-    emit_bits = limit.size > 0
-    out_h, out_w = out.shape[1], out.shape[2]
-    out_channels = limit.size if emit_bits else out.shape[3]
-    per_group = out_channels // groups
-    per_position_offset = offset.shape[0] > 1
-    has_scale = scale.size > 0
-    chunks = (out_h + rows_per_job - 1) // rows_per_job
-    jobs_per_image = chunks * groups * blocks
-    for job in prange(n_batch * jobs_per_image):
-        n = job // jobs_per_image
-        rest = job - n * jobs_per_image
-        chunk = rest // (groups * blocks)
-        rest -= chunk * (groups * blocks)
-        g = rest // blocks
-        b = rest - g * blocks
-        kernel = weight[g, b]
-        first = g * per_group + b * block
-        stop = first + min(block, per_group - b * block)
-        # One 2-D array each (not one per position): LLVM then needs a single alias check to vectorize.
-        acc = np.zeros((2, block), np.int64)
-        values = np.zeros((2, reduction), np.int64)  # the rounding-up tail stays 0
-        limits = limit[first:stop]  # empty slices in the mode that does not use them
-        # Flag bytes of this job's channels, rounded up to whole words (the tail stays 0).
-        flags = np.zeros(((stop - first + WORD_BITS - 1) // WORD_BITS * WORD_BITS) if emit_bits else 0, np.uint8)
-        flag_words = flags.view(np.int64)
-        alphas, biases = alpha[first:stop], bias[first:stop]
-        for oy in range(chunk * rows_per_job, min(out_h, (chunk + 1) * rows_per_job)):
-            for ox0 in range(0, out_w, 2):
-                ox1 = min(ox0 + 1, out_w - 1)  # an odd last position is computed twice, written once
-                r = 0
-                for ky in range(kernel_h):
-                    row = x[n, oy * stride + ky]
-                    for kx in range(kernel_w):
-                        pixel0 = row[ox0 * stride + kx, g]
-                        pixel1 = row[ox1 * stride + kx, g]
-                        for k in range(words):
-                            values[0, r] = pixel0[k]
-                            values[1, r] = pixel1[k]
-                            r += 1
-                acc[:] = 0
-                for j in range(0, reduction, 4):
-                    a0, a1, a2, a3 = values[0, j], values[0, j + 1], values[0, j + 2], values[0, j + 3]
-                    b0, b1, b2, b3 = values[1, j], values[1, j + 1], values[1, j + 2], values[1, j + 3]
-                    for o in range(block):
-                        w0, w1, w2, w3 = kernel[j, o], kernel[j + 1, o], kernel[j + 2, o], kernel[j + 3, o]
-                        acc[0, o] += (popcount64(a0 ^ w0) + popcount64(a1 ^ w1)) + (
-                            popcount64(a2 ^ w2) + popcount64(a3 ^ w3))
-                        acc[1, o] += (popcount64(b0 ^ w0) + popcount64(b1 ^ w1)) + (
-                            popcount64(b2 ^ w2) + popcount64(b3 ^ w3))
-                for which in range(2):
-                    ox = ox0 + which
-                    if ox >= out_w:
-                        break
-                    # Contiguous slices and max(): this loop vectorizes (per-element indexing did not).
-                    at_y, at_x = (oy, ox) if per_position_offset else (0, 0)
-                    positions = offset[at_y, at_x, first:stop]
-                    ones = acc[which]
-                    if emit_bits:
-                        for o in range(stop - first):  # one flag byte per channel (vectorizes)
-                            flags[o] = positions[o] - 2 * ones[o] >= limits[o]
-                        dst_words = out_bits[n, oy + out_padding, ox + out_padding, 0]
-                        for k in range(flag_words.size // 8):
-                            dst_words[first // WORD_BITS + k] = _flags_to_word(flag_words, k)
-                        continue
-                    factor = scale[n, oy, ox] if has_scale else np.float32(1.0)
-                    dst = out[n, oy, ox, first:stop]
-                    for o in range(stop - first):
-                        value = alphas[o] * np.float32(positions[o] - 2 * ones[o]) * factor + biases[o]
-                        dst[o] = max(value, np.float32(0.0))
+    for job in prange(_conv_job_count(x, weight, out, limit, rows_per_job)):
+        _conv_job(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
+                  limit, out_bits, out_padding, rows_per_job, job)
 
 
 def _merge_kernel_rows(x, kernel_w, group_channels, out):  # pragma: no cover  (compiled)
@@ -253,26 +329,8 @@ def _merge_kernel_rows(x, kernel_w, group_channels, out):  # pragma: no cover  (
     ``out[n, y, x, g]`` is channel ``c`` of pixel ``x + kx``. The unused high bits of
     each pixel's last word are 0, so whole words can be shifted in.
     """
-    n_batch, height, _, groups, words = x.shape
-    out_w, row_words = out.shape[2], out.shape[4]
-    for job in prange(n_batch * height):
-        n = job // height
-        y = job - n * height
-        for g in range(groups):
-            src = x[n, y, :, g]  # [W, CW]
-            dst = out[n, y, :, g]  # [Wo, RW]
-            for kx in range(kernel_w):
-                for k in range(words):
-                    position = kx * group_channels + k * WORD_BITS
-                    index = position // WORD_BITS
-                    shift = position - index * WORD_BITS
-                    for ox in range(out_w):  # the same shift for every column: a vectorizable loop
-                        dst[ox, index] |= src[ox + kx, k] << shift
-                    if shift > 0 and index + 1 < row_words:
-                        # a logical right shift: the arithmetic one, then the sign copies masked off
-                        low_bits = (np.int64(1) << shift) - 1
-                        for ox in range(out_w):
-                            dst[ox, index + 1] |= (src[ox + kx, k] >> (WORD_BITS - shift)) & low_bits
+    for job in prange(x.shape[0] * x.shape[1]):
+        _merge_row(x, kernel_w, group_channels, out, job)
 
 
 def _maxpool_bits(x, kernel, stride, padding, out, out_padding):  # pragma: no cover  (compiled)
@@ -282,26 +340,62 @@ def _maxpool_bits(x, kernel, stride, padding, out, out_padding):  # pragma: no c
     Wo + 2 out_padding, G, CW] with a zero ring. Window positions outside the input
     are skipped, as PyTorch's max pooling pads with -inf.
     """
-    n_batch, height, width, groups, words = x.shape
-    out_h = out.shape[1] - 2 * out_padding
-    out_w = out.shape[2] - 2 * out_padding
-    for job in prange(n_batch * out_h):
-        n = job // out_h
-        oy = job - n * out_h
-        for ox in range(out_w):
-            dst = out[n, oy + out_padding, ox + out_padding]
-            for ky in range(kernel):
-                iy = oy * stride - padding + ky
-                if iy < 0 or iy >= height:
-                    continue
-                for kx in range(kernel):
-                    ix = ox * stride - padding + kx
-                    if ix < 0 or ix >= width:
-                        continue
-                    src = x[n, iy, ix]
-                    for g in range(groups):
-                        for k in range(words):
-                            dst[g, k] |= src[g, k]
+    for job in prange(x.shape[0] * (out.shape[1] - 2 * out_padding)):
+        _maxpool_row(x, kernel, stride, padding, out, out_padding, job)
+
+
+def _xnor_block(x_nhwc, x_nchw, packed, merged, scale, out, out_bits, threshold, groups, padding, merge_width,
+                group_channels, pack_parallel, merge_parallel, conv_parallel, weight, offset, stride, kernel_h,
+                kernel_w, alpha, bias, limit, out_padding, rows_per_job):  # pragma: no cover
+    """A whole packed block in one call (each call from Python costs microseconds).
+
+    1. Float input (``x_nhwc`` or ``x_nchw`` non-empty, the other empty): its
+       sign bits packed into ``packed`` as by :func:`pack_nhwc` / :func:`pack_nchw`.
+       Bit input: ``packed`` holds it already, and both float arrays are empty.
+    2. ``merged`` non-empty: the kernel rows of ``packed`` merged into it as by
+       :func:`merge_kernel_rows` (``merge_width`` taps of ``group_channels``), and the
+       convolution reads ``merged``.
+    3. The convolution of :func:`xnor_conv` (its arguments ``weight`` to ``rows_per_job``, and
+       ``scale``, ``out``, ``out_bits``).
+
+    The arrays that change from call to call come first; the rest is fixed per block and
+    input shape (the engine keeps them in one tuple).
+
+    Each step's loop runs on numba's threads when its ``*_parallel`` flag is set
+    (in the parallel build; the serial build runs every step serially).
+    """
+    if x_nhwc.size > 0:
+        if pack_parallel:
+            for job in prange(x_nhwc.shape[0] * x_nhwc.shape[1]):
+                _pack_nhwc_row(x_nhwc, threshold, groups, padding, packed, job)
+        else:
+            for job in range(x_nhwc.shape[0] * x_nhwc.shape[1]):
+                _pack_nhwc_row(x_nhwc, threshold, groups, padding, packed, job)
+    elif x_nchw.size > 0:
+        if pack_parallel:
+            for job in prange(x_nchw.shape[0] * x_nchw.shape[2]):
+                _pack_nchw_row(x_nchw, threshold, groups, padding, packed, job)
+        else:
+            for job in range(x_nchw.shape[0] * x_nchw.shape[2]):
+                _pack_nchw_row(x_nchw, threshold, groups, padding, packed, job)
+    source = packed
+    if merged.size > 0:
+        if merge_parallel:
+            for job in prange(packed.shape[0] * packed.shape[1]):
+                _merge_row(packed, merge_width, group_channels, merged, job)
+        else:
+            for job in range(packed.shape[0] * packed.shape[1]):
+                _merge_row(packed, merge_width, group_channels, merged, job)
+        source = merged
+    jobs = _conv_job_count(source, weight, out, limit, rows_per_job)
+    if conv_parallel:
+        for job in prange(jobs):
+            _conv_job(source, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
+                      limit, out_bits, out_padding, rows_per_job, job)
+    else:
+        for job in range(jobs):
+            _conv_job(source, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
+                      limit, out_bits, out_padding, rows_per_job, job)
 
 
 def _renamed(function: Callable, suffix: str) -> Callable:
@@ -330,17 +424,21 @@ class Kernel:
         self.process = os.getpid()  # a forked child inherits this and sees another pid
         self.__doc__ = function.__doc__
 
-    def runs_parallel(self, work: Optional[int], threads: Optional[int]) -> bool:
-        """Whether a call with this work and thread count takes the parallel build."""
-        return threads != 1 and (work is None or work >= self.serial_below) and os.getpid() == self.process
+    def runs_parallel(self, work: Optional[int], threads: Optional[int], parallel: Optional[bool] = None) -> bool:
+        """Whether a call takes the parallel build: more than one thread, ``parallel`` if given
+        (else ``work`` at or above ``serial_below``), and not in a forked child."""
+        wanted = parallel if parallel is not None else (work is None or work >= self.serial_below)
+        return threads != 1 and wanted and os.getpid() == self.process
 
-    def __call__(self, *args: Any, work: Optional[int] = None, threads: Optional[int] = None) -> None:
-        """Run on ``threads`` threads (default: numba's current count); serial for one or for small work.
+    def __call__(self, *args: Any, work: Optional[int] = None, threads: Optional[int] = None,
+                 parallel: Optional[bool] = None) -> None:
+        """Run on ``threads`` threads (default: numba's current count); serial for one or for small work
+        (``parallel``, when given, decides instead of ``work``).
 
         Only the parallel path asks numba for its thread count (that query costs
         microseconds, as much as a small layer's whole kernel).
         """
-        if not self.runs_parallel(work, threads):
+        if not self.runs_parallel(work, threads, parallel):
             self.serial(*args)
             return
         count = sync_threads(threads) if threads is not None else numba.get_num_threads()
@@ -358,6 +456,29 @@ def rows_per_job(out_h: int, n_batch: int, threads: int, parallel: bool) -> int:
     return max(1, min(out_h, (n_batch * out_h) // (8 * max(1, threads))))
 
 
+def conv_work(source: np.ndarray, weight: np.ndarray, out: np.ndarray, limit: np.ndarray) -> int:
+    """The word operations of an :func:`xnor_conv` call (its ``work``)."""
+    out_channels = limit.size if limit.size > 0 else out.shape[3]
+    return source.shape[0] * out.shape[1] * out.shape[2] * out_channels * weight.shape[2]
+
+
+def block_steps(*args: Any) -> List[Tuple["Kernel", tuple, int]]:
+    """The calls of the stand-alone kernels that one :func:`xnor_block` call makes, in order:
+    ``(kernel, arguments, work)`` with the block's own arrays (``threads_report`` times them)."""
+    (x_nhwc, x_nchw, packed, merged, scale, out, out_bits, threshold, groups, padding, merge_width, group_channels,
+     _, _, _, weight, offset, stride, kernel_h, kernel_w, alpha, bias, limit, out_padding, rows) = args
+    steps: List[Tuple[Kernel, tuple, int]] = []
+    for source, kernel in ((x_nhwc, pack_nhwc), (x_nchw, pack_nchw)):
+        if source.size > 0:
+            steps.append((kernel, (source, threshold, groups, padding, packed), source.size))
+    if merged.size > 0:
+        steps.append((merge_kernel_rows, (packed, merge_width, group_channels, merged), packed.size))
+    source = merged if merged.size > 0 else packed
+    steps.append((xnor_conv, (source, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
+                              limit, out_bits, out_padding, rows), conv_work(source, weight, out, limit)))
+    return steps
+
+
 # The thresholds come from measurements on a quiet 2-core machine, serial against
 # parallel build of each kernel call in LeNet-5, NIN and AlexNet at batch 1 and 4
 # (``python -m xnornet.packed.threads_report``, CIFAR_10/logs/packed_threads.jsonl);
@@ -372,13 +493,41 @@ xnor_conv = Kernel(_xnor_conv, serial_below=30_000 if CHEAP_PARALLEL_START else 
 merge_kernel_rows = Kernel(_merge_kernel_rows, serial_below=5_000 if CHEAP_PARALLEL_START else 2_000_000)
 #: work = words read.
 maxpool_bits = Kernel(_maxpool_bits, serial_below=5_000 if CHEAP_PARALLEL_START else 2_000_000)
+#: A whole block (:func:`_xnor_block`): callers choose the build per step, from the thresholds above.
+xnor_block = Kernel(_xnor_block, serial_below=0)
+
+
+class _SetByUs(threading.local):
+    """numba's thread count as :func:`sync_threads` last set it in this Python thread (numba keeps
+    one count per thread); 0 before the first call. Asking numba costs about a microsecond per
+    call, as much as a tenth of a small block's kernel at batch 1."""
+
+    count = 0
+
+
+#: A memo of numba's per-thread state, not a setting: a count set directly with
+#: numba.set_num_threads is not seen here (use sync_threads).
+_NUMBA_THREADS = _SetByUs()
 
 
 def sync_threads(threads: int) -> int:
-    """Run numba's parallel loops on ``threads`` threads (at most NUMBA_NUM_THREADS); returns that count."""
+    """Run numba's parallel loops on ``threads`` threads (at most NUMBA_NUM_THREADS); returns that count.
+
+    PyTorch's thread count is left as it was. With the OpenMP layer, numba's loops
+    run on the GNU OpenMP runtime PyTorch loaded first (its libgomp serves numba's
+    calls too), and numba's first query starts its pool by setting that runtime's
+    thread count to NUMBA_NUM_THREADS: PyTorch then reported and used every core
+    (a process started with OMP_NUM_THREADS=1 ran its float convolutions on two).
+    """
     threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    if _NUMBA_THREADS.count == threads:
+        return threads
+    torch_threads = torch.get_num_threads()
     if numba.get_num_threads() != threads:
         numba.set_num_threads(threads)
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    _NUMBA_THREADS.count = threads
     return threads
 
 

@@ -69,13 +69,16 @@ def medians_us(runs: Dict[str, Callable[[], Any]], repeats: int) -> Dict[str, fl
 
 
 def recorded_calls(module: torch.nn.Module, x: Any) -> List[Tuple[kernels.Kernel, tuple, Optional[int]]]:
-    """The kernel calls (kernel, arguments, work) that ``module(x)`` makes, in order; they also run."""
+    """The kernel calls (kernel, arguments, work) that ``module(x)`` makes, in order; they also run.
+    A block's single :func:`~xnornet.packed.kernels.xnor_block` call is listed as the calls of the
+    stand-alone kernels for its steps (packing, merging rows, the convolution)."""
     calls: List[Tuple[kernels.Kernel, tuple, Optional[int]]] = []
     original = kernels.Kernel.__call__
 
-    def record(kernel: kernels.Kernel, *args: Any, work: Optional[int] = None, threads: Optional[int] = None) -> None:
-        calls.append((kernel, args, work))
-        original(kernel, *args, work=work, threads=threads)
+    def record(kernel: kernels.Kernel, *args: Any, work: Optional[int] = None, threads: Optional[int] = None,
+               parallel: Optional[bool] = None) -> None:
+        original(kernel, *args, work=work, threads=threads, parallel=parallel)
+        calls.extend(kernels.block_steps(*args) if kernel is kernels.xnor_block else [(kernel, args, work)])
 
     kernels.Kernel.__call__ = record  # type: ignore[method-assign]  # restored below, whatever happens
     try:
