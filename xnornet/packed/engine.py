@@ -157,8 +157,8 @@ class CallPlan:
         pack_parallel = layout != "bits" and pack.runs_parallel(int(np.prod(shape)), threads)
         merge_parallel = block._merge_rows and kernels.merge_kernel_rows.runs_parallel(
             int(np.prod(packed_shape)), threads)
-        work = images * out_h * out_w * c.output_channels * block._kernel_weight.shape[2]
-        conv_parallel = kernels.xnor_conv.runs_parallel(work, threads)
+        conv_parallel = kernels.xnor_conv.runs_parallel(
+            kernels.conv_work(images, out_h, out_w, c.output_channels, block._kernel_weight), threads)
         ring = block.output_padding
         constants = (block._feature_thresholds, c.groups, c.padding, c.kernel_size, group_channels, pack_parallel,
                      merge_parallel, conv_parallel, block._kernel_weight, block._offset_table(height, width),

@@ -456,10 +456,10 @@ def rows_per_job(out_h: int, n_batch: int, threads: int, parallel: bool) -> int:
     return max(1, min(out_h, (n_batch * out_h) // (8 * max(1, threads))))
 
 
-def conv_work(source: np.ndarray, weight: np.ndarray, out: np.ndarray, limit: np.ndarray) -> int:
-    """The word operations of an :func:`xnor_conv` call (its ``work``)."""
-    out_channels = limit.size if limit.size > 0 else out.shape[3]
-    return source.shape[0] * out.shape[1] * out.shape[2] * out_channels * weight.shape[2]
+def conv_work(images: int, out_h: int, out_w: int, out_channels: int, weight: np.ndarray) -> int:
+    """The word operations of an :func:`xnor_conv` call (its ``work``): ``weight`` holds ``R``
+    reduction words per output channel."""
+    return images * out_h * out_w * out_channels * weight.shape[2]
 
 
 def block_steps(*args: Any) -> List[Tuple["Kernel", tuple, int]]:
@@ -475,7 +475,9 @@ def block_steps(*args: Any) -> List[Tuple["Kernel", tuple, int]]:
         steps.append((merge_kernel_rows, (packed, merge_width, group_channels, merged), packed.size))
     source = merged if merged.size > 0 else packed
     steps.append((xnor_conv, (source, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
-                              limit, out_bits, out_padding, rows), conv_work(source, weight, out, limit)))
+                              limit, out_bits, out_padding, rows),
+                  conv_work(source.shape[0], out.shape[1], out.shape[2],
+                            limit.size if limit.size > 0 else out.shape[3], weight)))
     return steps
 
 
