@@ -6,11 +6,13 @@ Shapes cover kernel sizes 1-11, strides 1-4, zero padding, groups, batch sizes
 
 from __future__ import annotations
 
+import copy
 import ctypes.util
 import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -111,7 +113,8 @@ def test_merged_kernel_rows_concatenate_the_window_bits() -> None:
     batch, channels, groups, k, height, width = 2, 70, 2, 3, 4, 6
     signs = torch.rand(batch, channels, height, width, generator=generator) < 0.5
     packed = np.zeros((batch, height, width, groups, words_for(channels // groups)), np.int64)
-    kernels.pack_nchw(torch.where(signs, 1.0, -1.0).numpy(), np.zeros(channels, np.float32), groups, 0, packed)
+    kernels.pack_nchw(torch.where(signs, 1.0, -1.0).numpy(), np.zeros(channels, np.float32), groups, 0, packed,
+                      signs.shape[2])
     merged = merged_rows(packed, k, channels // groups)
     stream = np.unpackbits(merged.view(np.uint8), bitorder="little").reshape(merged.shape[:4] + (-1,))
     windows = signs.numpy().reshape(batch, groups, channels // groups, height, width)
@@ -152,7 +155,7 @@ def test_xnor_conv_gives_the_exact_integer_dot_product(shape, merge: bool, batch
     zero = np.zeros(cin, np.float32)
     packed_nchw = np.zeros((batch, height + 2 * padding, width + 2 * padding, groups, words), np.int64)
     packed_nhwc = np.zeros_like(packed_nchw)
-    kernels.pack_nchw(x.numpy(), zero, groups, padding, packed_nchw)
+    kernels.pack_nchw(x.numpy(), zero, groups, padding, packed_nchw, 2)
     kernels.pack_nhwc(x.permute(0, 2, 3, 1).contiguous().numpy(), zero, groups, padding, packed_nhwc)
     np.testing.assert_array_equal(packed_nchw, packed_nhwc)
 
@@ -173,7 +176,7 @@ def test_xnor_conv_gives_the_exact_integer_dot_product(shape, merge: bool, batch
                           limits.numpy(), bits, ring, 2)
         reference = np.zeros_like(bits)
         kernels.pack_nchw((expected >= limits.reshape(1, -1, 1, 1).float()).float().numpy(),
-                          np.full(cout, 0.5, np.float32), 1, ring, reference)
+                          np.full(cout, 0.5, np.float32), 1, ring, reference, out.shape[1])
         np.testing.assert_array_equal(bits, reference)
 
 
@@ -258,7 +261,7 @@ def test_parallel_builds_give_the_serial_results(two_threads) -> None:
     results = {}
     for build in ("serial", "parallel"):
         packed = np.zeros((batch, height + 2 * padding, width + 2 * padding, 1, words_for(cin)), np.int64)
-        getattr(kernels.pack_nchw, build)(x.numpy(), thresholds, 1, padding, packed)
+        getattr(kernels.pack_nchw, build)(x.numpy(), thresholds, 1, padding, packed, 2)  # 7 rows: 2, 2, 2, 1
         packed_nhwc = np.zeros_like(packed)
         getattr(kernels.pack_nhwc, build)(x.permute(0, 2, 3, 1).contiguous().numpy(), thresholds, 1, padding,
                                           packed_nhwc)
@@ -286,7 +289,7 @@ def test_parallel_kernels_run_on_numbas_openmp_layer_on_linux(two_threads) -> No
     microseconds, not the work queue's ~100 µs); elsewhere the work queue; a user's
     NUMBA_THREADING_LAYER wins."""
     packed = np.zeros((1, 2, 2, 1, 1), np.int64)
-    kernels.pack_nchw.parallel(np.ones((1, 3, 2, 2), np.float32), np.zeros(3, np.float32), 1, 0, packed)
+    kernels.pack_nchw.parallel(np.ones((1, 3, 2, 2), np.float32), np.zeros(3, np.float32), 1, 0, packed, 1)
     assert (packed == 0b111).all()
     if "NUMBA_THREADING_LAYER" in os.environ:
         expected = os.environ["NUMBA_THREADING_LAYER"]
@@ -298,7 +301,7 @@ def test_parallel_kernels_run_on_numbas_openmp_layer_on_linux(two_threads) -> No
 def _pack_in_child(result) -> None:
     x = np.ones((1, 3, 2, 2), np.float32)
     packed = np.zeros((1, 2, 2, 1, 1), np.int64)
-    kernels.pack_nchw(x, np.zeros(3, np.float32), 1, 0, packed, work=10**9, threads=2)
+    kernels.pack_nchw(x, np.zeros(3, np.float32), 1, 0, packed, 1, work=10**9, threads=2)
     result.put(int(packed[0, 0, 0, 0, 0]))
 
 
@@ -306,7 +309,7 @@ def test_a_forked_child_runs_the_serial_builds(two_threads) -> None:
     """After the parent ran a parallel loop, a forked child's call (large work, two threads)
     takes the serial build: GNU OpenMP would stop the child in the parallel one."""
     kernels.pack_nchw(np.ones((1, 3, 2, 2), np.float32), np.zeros(3, np.float32), 1, 0,
-                      np.zeros((1, 2, 2, 1, 1), np.int64), work=10**9, threads=2)
+                      np.zeros((1, 2, 2, 1, 1), np.int64), 1, work=10**9, threads=2)
     assert kernels.pack_nchw.runs_parallel(10**9, 2)
     context = multiprocessing.get_context("fork")
     result = context.Queue()
@@ -362,6 +365,28 @@ def test_a_block_is_one_kernel_call_which_its_steps_replay(monkeypatch) -> None:
     assert expected[2].any()
 
 
+def test_a_block_reuses_its_scratch_buffers_without_leftovers() -> None:
+    """The packed input and merged rows are kept from call to call (per Python thread): a call
+    after another input gives exactly what a fresh block gives, with the same buffers."""
+    generator = torch.Generator().manual_seed(5)
+    block = merging_block(generator)
+    fresh = copy.deepcopy(block)
+    first, second = (torch.randn(2, 20, 9, 8, generator=generator) for _ in range(2))
+    with torch.no_grad():
+        block(first)
+        (plan,) = block._plans.values()
+        scratch = (plan.packed, plan.merged)
+        assert plan.packed.size > 0 and plan.merged.size > 0
+        assert torch.equal(block(second), fresh(second))
+        (same_plan,) = block._plans.values()
+        assert same_plan is plan and plan.packed is scratch[0] and plan.merged is scratch[1]
+        other_thread: list = []
+        worker = threading.Thread(target=lambda: other_thread.append(block(first)))
+        worker.start()
+        worker.join()
+        assert len(block._plans) == 2 and torch.equal(other_thread[0], fresh(first))
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_the_blocks_parallel_build_gives_its_serial_result(layout: str, two_threads, monkeypatch) -> None:
     """xnor_block with every step's loop parallel (the test shapes stay below the thresholds,
@@ -373,15 +398,17 @@ def test_the_blocks_parallel_build_gives_its_serial_result(layout: str, two_thre
         x = x.contiguous(memory_format=torch.channels_last)
     (_, args, _), = recorded_block_call(block, x, monkeypatch)
     assert args[0 if layout == "nhwc" else 1].size > 0
-    all_parallel = args[:12] + (True, True, True) + args[15:]
-    results = []
+    # NCHW packing in bands of 2 of the 7 rows (2, 2, 2, 1), not the serial call's whole images.
+    all_parallel = args[:12] + (True, True, True) + args[15:-1] + (2,)
+    results = [[args[index].copy() for index in (2, 3, 5)]]  # what the engine's own call wrote
     for build in (kernels.xnor_block.serial, kernels.xnor_block.parallel):
         for index in (2, 3, 5):  # packed, merged, out
             all_parallel[index][...] = 0
         build(*all_parallel)
         results.append([all_parallel[index].copy() for index in (2, 3, 5)])
-    for serial, parallel in zip(*results):
-        np.testing.assert_array_equal(serial, parallel)
+    for engine, serial, parallel in zip(*results):
+        np.testing.assert_array_equal(serial, engine)
+        np.testing.assert_array_equal(parallel, engine)
 
 
 def test_starting_numbas_pool_keeps_pytorchs_thread_count() -> None:
