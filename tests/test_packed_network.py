@@ -7,6 +7,7 @@ by their recipes' model files; every variant with binarized blocks is covered.
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 import pytest
 import torch
@@ -105,6 +106,31 @@ def test_benchmark_logs_every_block_and_the_network(tmp_path) -> None:
     assert size["compression"] == size["float32_bytes"] / size["file_bytes"] > 20
     network = [r for r in records if r["event"] == "network"]
     assert len(network) == 2 and all(r["speedup"] == r["float_ms"] / r["packed_ms"] for r in network)
+
+
+@pytest.mark.parametrize("float_first_is_slower", [True, False])
+def test_benchmark_times_the_faster_side_as_long_as_the_slower(monkeypatch, float_first_is_slower: bool) -> None:
+    """Per round: a warm-up and 7 timed runs each, then the faster side runs until its timed
+    runs last as long as the slower side's (on a clock that only the runs move)."""
+    from xnornet.packed import benchmark
+
+    clock = [0.0]
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock[0])
+    calls = {"slow": 0, "fast": 0}
+
+    def run(name: str, seconds: float) -> Callable[[], None]:
+        def step() -> None:
+            calls[name] += 1
+            clock[0] += seconds
+        return step
+
+    slow, fast = run("slow", 2.0 ** -6), run("fast", 2.0 ** -9)  # 8 to 1, in sums without rounding
+    runs = (slow, fast) if float_first_is_slower else (fast, slow)
+    medians = benchmark.paired_median_ms(*runs, repeats=21, budget=100.0)
+    expected = (1000 * 2.0 ** -6, 1000 * 2.0 ** -9)
+    assert medians == pytest.approx(expected if float_first_is_slower else expected[::-1])
+    # 3 rounds: the slow side 1 + 7 runs; the fast side 1 + 56 (+1 warm-up when it is float and goes again)
+    assert calls == {"slow": 3 * 8, "fast": 3 * (57 if float_first_is_slower else 58)}
 
 
 def test_benchmark_runs_each_thread_count_in_a_fresh_process(tmp_path) -> None:

@@ -8,8 +8,10 @@ ReLU) against ``F.conv2d``/``F.linear`` with float weights of the same shape
 (bias included, no BatchNorm or ReLU: the float side gets the cheaper deal), and
 the whole network, packed vs its float counterpart (``nin_float`` etc.: FloatConv2d
 blocks, same weights, no sign).
-Each figure is the median of ``--repeats`` timed runs after a warm-up run (which
-also pays numba's compilation), float and packed runs taking turns in rounds.
+Each figure is the median of timed runs after a warm-up run (which also pays
+numba's compilation), float and packed runs taking turns in rounds; in each round
+the faster side runs until it has been timed as long as the slower side
+(:func:`paired_median_ms`).
 Each thread count runs in a process of its own. One JSON line per measurement,
 after a run header naming the commit, the CPU and the load average.
 """
@@ -58,7 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1, 64], metavar="N")
     parser.add_argument("--threads", nargs="+", type=positive_int, default=[1, 2], metavar="T")
     parser.add_argument("--repeats", type=positive_int, default=21, metavar="N",
-                        help="timed runs per figure, in 3 rounds (fewer when they take over --budget seconds)")
+                        help="timed runs of the slower side per figure, in 3 rounds (fewer when they take over "
+                             "--budget seconds); the faster side runs as long")
     parser.add_argument("--budget", type=float, default=6.0, metavar="S",
                         help="rough seconds allowed per float/packed pair of figures (default: 6)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "CIFAR_10" / "logs" / "packed_benchmark.jsonl",
@@ -72,21 +75,43 @@ def paired_median_ms(float_run: Callable[[], Any], packed_run: Callable[[], Any]
 
     ``rounds`` times, each side runs once untimed (a warm-up, which warms the
     caches for its own weights and, the first time, pays numba's compilation) and
-    then about ``repeats / rounds`` timed runs. Taking turns puts a slow stretch of
-    the machine (this VM's speed drifts by tens of percent) on both sides of the
-    ratio; the warm-up keeps each side from paying for the other's cache misses.
+    then about ``repeats / rounds`` timed runs; then the side whose timed runs took
+    less time runs again (after a warm-up of its own if the other side ran in between)
+    until its timed runs of the round last as long as the other side's. Taking turns
+    puts a slow stretch of the machine (this VM's speed drifts by tens of percent)
+    on both sides of the ratio, and equal stretches let the ten times faster side
+    sample the machine as long as the slower one does, not through a window a tenth
+    as long. The warm-up keeps each side from paying for the other's cache misses.
+    Each side stops adding runs once its timed runs pass ``budget / 2`` seconds in all
+    (after at least 3).
     """
     times: Tuple[List[float], List[float]] = ([], [])
     per_round = max(1, -(-repeats // rounds))
+    runs = (float_run, packed_run)
+
+    def timed_runs(side: int, until: Callable[[int, float], bool]) -> float:
+        """Time ``runs[side]`` until ``until(count, seconds)`` or the budget; the seconds it took."""
+        count, seconds = 0, 0.0
+        while not until(count, seconds):
+            start = time.perf_counter()
+            runs[side]()
+            times[side].append(time.perf_counter() - start)
+            count, seconds = count + 1, seconds + times[side][-1]
+            if len(times[side]) >= 3 and sum(times[side]) > budget / 2:
+                break
+        return seconds
+
     for _ in range(rounds):
-        for run, timed in ((float_run, times[0]), (packed_run, times[1])):
-            run()
-            for _ in range(per_round):
-                start = time.perf_counter()
-                run()
-                timed.append(time.perf_counter() - start)
-                if len(timed) >= 3 and sum(timed) > budget / 2:
-                    break
+        spent = []
+        for side in (0, 1):
+            runs[side]()  # warm-up
+            spent.append(timed_runs(side, lambda count, _: count >= per_round))
+        shorter = 0 if spent[0] < spent[1] else 1
+        if spent[shorter] < spent[1 - shorter]:
+            if shorter == 0:
+                runs[0]()  # the packed side ran since float's last run
+            target = spent[1 - shorter] - spent[shorter]
+            timed_runs(shorter, lambda _, seconds: seconds >= target)
     return 1000.0 * statistics.median(times[0]), 1000.0 * statistics.median(times[1])
 
 
