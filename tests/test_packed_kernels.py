@@ -163,7 +163,7 @@ def test_xnor_conv_gives_the_exact_integer_dot_product(shape, merge: bool, batch
     packed_input, kernel_w = (merged_rows(packed_nchw, k, cin // groups), 1) if merge else (packed_nchw, k)
     out = np.empty((batch, *expected.shape[2:], cout), np.float32)
     kernels.xnor_conv(packed_input, weight, offsets, stride, k, kernel_w, np.ones(cout, np.float32),
-                      np.full(cout, shift, np.float32), kernels.empty_scale(), out, *kernels.no_bit_output(), 0, 1)
+                      np.full(cout, shift, np.float32), kernels.empty_scale(), out, *kernels.no_bit_output(), 0, 1, 1)
     assert torch.equal(torch.from_numpy(out).permute(0, 3, 1, 2) - shift, expected)
 
     if groups == 1:
@@ -173,7 +173,7 @@ def test_xnor_conv_gives_the_exact_integer_dot_product(shape, merge: bool, batch
         bits = np.zeros((batch, out.shape[1] + 2 * ring, out.shape[2] + 2 * ring, 1, words_for(cout)), np.int64)
         kernels.xnor_conv(packed_input, weight, offsets, stride, k, kernel_w, np.empty(0, np.float32),
                           np.empty(0, np.float32), kernels.empty_scale(), np.empty(out.shape[:3] + (0,), np.float32),
-                          limits.numpy(), bits, ring, 2)
+                          limits.numpy(), bits, ring, 2, 2)
         reference = np.zeros_like(bits)
         kernels.pack_nchw((expected >= limits.reshape(1, -1, 1, 1).float()).float().numpy(),
                           np.full(cout, 0.5, np.float32), 1, ring, reference, out.shape[1])
@@ -267,11 +267,11 @@ def test_parallel_builds_give_the_serial_results(two_threads) -> None:
                                           packed_nhwc)
         out = np.empty((batch, height, width, cout), np.float32)
         getattr(kernels.xnor_conv, build)(packed, weight, offsets, 1, k, k, alpha, bias, kernels.empty_scale(),
-                                          out, *kernels.no_bit_output(), 0, 3)
+                                          out, *kernels.no_bit_output(), 0, 3, 2)
         bits = np.zeros((batch, height, width, 1, words_for(cout)), np.int64)
         getattr(kernels.xnor_conv, build)(packed, weight, offsets, 1, k, k, np.empty(0, np.float32),
                                           np.empty(0, np.float32), kernels.empty_scale(),
-                                          np.empty((batch, height, width, 0), np.float32), limits, bits, 0, 2)
+                                          np.empty((batch, height, width, 0), np.float32), limits, bits, 0, 2, 3)
         pooled = np.zeros((batch, 4 + 2, 3 + 2, 1, words_for(cout)), np.int64)
         getattr(kernels.maxpool_bits, build)(bits, 3, 2, 1, pooled, 1)
         merged = np.zeros((batch, height + 2 * padding, width + 2 * padding - k + 1, 1, words_for(k * cin)),
@@ -398,8 +398,9 @@ def test_the_blocks_parallel_build_gives_its_serial_result(layout: str, two_thre
         x = x.contiguous(memory_format=torch.channels_last)
     (_, args, _), = recorded_block_call(block, x, monkeypatch)
     assert args[0 if layout == "nhwc" else 1].size > 0
-    # NCHW packing in bands of 2 of the 7 rows (2, 2, 2, 1), not the serial call's whole images.
-    all_parallel = args[:12] + (True, True, True) + args[15:-1] + (2,)
+    # NCHW packing in bands of 2 of the 7 rows (2, 2, 2, 1), not the serial call's whole images;
+    # the convolution's jobs shared by 2 workers.
+    all_parallel = args[:12] + (True, True, True) + args[15:-2] + (2, 2)
     results = [[args[index].copy() for index in (2, 3, 5)]]  # what the engine's own call wrote
     for build in (kernels.xnor_block.serial, kernels.xnor_block.parallel):
         for index in (2, 3, 5):  # packed, merged, out

@@ -7,6 +7,7 @@ by their recipes' model files; every variant with binarized blocks is covered.
 from __future__ import annotations
 
 import json
+import os
 from typing import Callable
 
 import pytest
@@ -146,6 +147,22 @@ def test_benchmark_runs_each_thread_count_in_a_fresh_process(tmp_path) -> None:
     assert [h["args"]["threads"] for h in headers] == [[1], [2]]
     assert [h["omp_num_threads"] for h in headers] == ["1", "2"]
     assert sorted({r["threads"] for r in records}) == [1, 2] and len(records) == 2 * (2 + 2)
+
+
+def test_contention_times_both_blocks_alone_and_beside_a_busy_core(tmp_path, two_threads) -> None:
+    from xnornet.packed import contention
+
+    args = contention.get_args_parser().parse_args(
+        ["--seconds", "0", "--batch-sizes", "1", "--out", str(tmp_path / "contention.jsonl")])
+    if len(os.sched_getaffinity(0)) < 2:
+        with pytest.raises(UserError, match="two CPUs"):
+            contention.main(args)
+        return
+    records = contention.main(args)
+    assert [(r["layer"], r["other_core_busy"]) for r in records] == [
+        ("xnor.6", False), ("xnor.10", False), ("xnor.6", True), ("xnor.10", True)]
+    lines = [json.loads(line) for line in (tmp_path / "contention.jsonl").read_text().splitlines()]
+    assert lines[0]["event"] == "start" and lines[1:] == records and all(r["packed_ms"] > 0 for r in records)
 
 
 def test_threads_report_logs_both_layers_and_both_builds(tmp_path, two_threads) -> None:

@@ -173,7 +173,8 @@ class CallPlan:
                      c.stride, c.kernel_size, 1 if block._merge_rows else c.kernel_size,  # merged: 1-wide taps
                      block._alpha, block._bias, block._limit, ring or 0,
                      kernels.rows_per_job(out_h, images, threads, conv_parallel),
-                     kernels.rows_per_job(height, images, threads, pack_parallel, kernels.PACK_JOBS_PER_THREAD))
+                     kernels.rows_per_job(height, images, threads, pack_parallel, kernels.PACK_JOBS_PER_THREAD),
+                     kernels.usable_threads(threads) if conv_parallel else 1)
         return cls((images, out_h, out_w, 0 if ring is not None else c.output_channels),
                    () if ring is None else (images, out_h + 2 * ring, out_w + 2 * ring, 1,
                                             words_for(c.output_channels)),

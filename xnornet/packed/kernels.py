@@ -39,6 +39,7 @@ import numba
 import numpy as np
 import torch
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 WORD_BITS = 64
@@ -88,6 +89,22 @@ def popcount64(typingctx, word):  # noqa: ARG001  (numba intrinsic signature)
         return builder.ctpop(args[0])
 
     return types.int64(types.int64), codegen
+
+
+@intrinsic
+def fetch_add(typingctx, counter, index, value):  # noqa: ARG001  (numba intrinsic signature)
+    """``counter[index] += value`` as one atomic operation (LLVM ``atomicrmw add``); returns the
+    value before. For handing out jobs to threads (no ordering of other memory is implied)."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and counter.ndim == 1):
+        return None
+
+    def codegen(context, builder, signature, args):  # noqa: ARG001
+        array_type = signature.args[0]
+        array = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, array, [args[1]])
+        return builder.atomic_rmw("add", pointer, args[2], "monotonic")
+
+    return types.int64(counter, types.intp, types.int64), codegen
 
 
 @njit(inline="always", cache=True)
@@ -288,6 +305,27 @@ def _conv_job(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale,
                     dst[o] = max(value, np.float32(0.0))
 
 
+@njit(cache=True)
+def _conv_worker(worker, workers, claimed, x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
+                 limit, out_bits, out_padding, rows_per_job):  # pragma: no cover  (compiled)
+    """Worker ``worker`` of ``workers`` running :func:`_conv_job` s: its own contiguous share of the
+    first three quarters of the jobs, then the rest one at a time, each taken from the shared
+    count ``claimed`` (int64 [1], 0 at the start). A thread that starts late or runs slow (the
+    other tenants of a shared machine) then holds up the others by one job at most, not by its
+    whole share."""
+    jobs = _conv_job_count(x, weight, out, limit, rows_per_job)
+    shared = jobs - jobs // 4
+    for job in range(worker * shared // workers, (worker + 1) * shared // workers):
+        _conv_job(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
+                  limit, out_bits, out_padding, rows_per_job, job)
+    while True:
+        job = shared + fetch_add(claimed, 0, 1)
+        if job >= jobs:
+            break
+        _conv_job(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
+                  limit, out_bits, out_padding, rows_per_job, job)
+
+
 def _pack_nhwc(x, threshold, groups, padding, out):  # pragma: no cover  (compiled)
     """Bits ``x[n, h, w, c] >= threshold[c]`` of a C-contiguous float32 NHWC array.
 
@@ -305,7 +343,7 @@ def _pack_nchw(x, threshold, groups, padding, out, rows):  # pragma: no cover  (
 
 
 def _xnor_conv(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
-               limit, out_bits, out_padding, rows_per_job):  # pragma: no cover  (compiled)
+               limit, out_bits, out_padding, rows_per_job, workers):  # pragma: no cover  (compiled)
     """``out = relu(alpha * dot * scale + bias)``, ``dot`` the XNOR-popcount convolution (module docstring).
 
     ``scale`` [N, Ho, Wo] float32 is the activation scale K (eq. 12), or an empty
@@ -322,11 +360,14 @@ def _xnor_conv(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale
     for both) and four reduction words at a time (one accumulator update per
     four popcounts); the inner loop runs over contiguous output channels, which
     LLVM vectorizes (VPOPCNTQ where the CPU has it). ``weight`` has ``R``
-    rounded up to a multiple of 4 with zero rows, which add nothing.
+    rounded up to a multiple of 4 with zero rows, which add nothing. ``workers``
+    (the thread count; passed in, as asking numba inside would keep numba from caching
+    the build) share the jobs as :func:`_conv_worker` says.
     """
-    for job in prange(_conv_job_count(x, weight, out, limit, rows_per_job)):
-        _conv_job(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
-                  limit, out_bits, out_padding, rows_per_job, job)
+    claimed = np.zeros(1, np.int64)
+    for worker in prange(workers):  # one worker per thread
+        _conv_worker(worker, workers, claimed, x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale,
+                     out, limit, out_bits, out_padding, rows_per_job)
 
 
 def _merge_kernel_rows(x, kernel_w, group_channels, out):  # pragma: no cover  (compiled)
@@ -354,7 +395,7 @@ def _maxpool_bits(x, kernel, stride, padding, out, out_padding):  # pragma: no c
 
 def _xnor_block(x_nhwc, x_nchw, packed, merged, scale, out, out_bits, threshold, groups, padding, merge_width,
                 group_channels, pack_parallel, merge_parallel, conv_parallel, weight, offset, stride, kernel_h,
-                kernel_w, alpha, bias, limit, out_padding, rows_per_job, pack_rows):  # pragma: no cover
+                kernel_w, alpha, bias, limit, out_padding, rows_per_job, pack_rows, workers):  # pragma: no cover
     """A whole packed block in one call (each call from Python costs microseconds).
 
     1. Float input (``x_nhwc`` or ``x_nchw`` non-empty, the other empty): its
@@ -364,7 +405,7 @@ def _xnor_block(x_nhwc, x_nchw, packed, merged, scale, out, out_bits, threshold,
     2. ``merged`` non-empty: the kernel rows of ``packed`` merged into it as by
        :func:`merge_kernel_rows` (``merge_width`` taps of ``group_channels``), and the
        convolution reads ``merged``.
-    3. The convolution of :func:`xnor_conv` (its arguments ``weight`` to ``rows_per_job``, and
+    3. The convolution of :func:`xnor_conv` (its arguments ``weight`` to ``rows_per_job``, ``workers``, and
        ``scale``, ``out``, ``out_bits``).
 
     The arrays that change from call to call come first; the rest is fixed per block and
@@ -397,15 +438,14 @@ def _xnor_block(x_nhwc, x_nchw, packed, merged, scale, out, out_bits, threshold,
             for job in range(packed.shape[0] * packed.shape[1]):
                 _merge_row(packed, merge_width, group_channels, merged, job)
         source = merged
-    jobs = _conv_job_count(source, weight, out, limit, rows_per_job)
+    claimed = np.zeros(1, np.int64)
     if conv_parallel:
-        for job in prange(jobs):
-            _conv_job(source, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
-                      limit, out_bits, out_padding, rows_per_job, job)
+        for worker in prange(workers):
+            _conv_worker(worker, workers, claimed, source, weight, offset, stride, kernel_h, kernel_w, alpha, bias,
+                         scale, out, limit, out_bits, out_padding, rows_per_job)
     else:
-        for job in range(jobs):
-            _conv_job(source, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
-                      limit, out_bits, out_padding, rows_per_job, job)
+        _conv_worker(0, 1, claimed, source, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
+                     limit, out_bits, out_padding, rows_per_job)
 
 
 def _renamed(function: Callable, suffix: str) -> Callable:
@@ -482,7 +522,8 @@ def block_steps(*args: Any) -> List[Tuple["Kernel", tuple, int]]:
     """The calls of the stand-alone kernels that one :func:`xnor_block` call makes, in order:
     ``(kernel, arguments, work)`` with the block's own arrays (``threads_report`` times them)."""
     (x_nhwc, x_nchw, packed, merged, scale, out, out_bits, threshold, groups, padding, merge_width, group_channels,
-     _, _, _, weight, offset, stride, kernel_h, kernel_w, alpha, bias, limit, out_padding, rows, pack_rows) = args
+     _, _, _, weight, offset, stride, kernel_h, kernel_w, alpha, bias, limit, out_padding, rows, pack_rows,
+     workers) = args
     steps: List[Tuple[Kernel, tuple, int]] = []
     if x_nhwc.size > 0:
         steps.append((pack_nhwc, (x_nhwc, threshold, groups, padding, packed), x_nhwc.size))
@@ -492,7 +533,7 @@ def block_steps(*args: Any) -> List[Tuple["Kernel", tuple, int]]:
         steps.append((merge_kernel_rows, (packed, merge_width, group_channels, merged), packed.size))
     source = merged if merged.size > 0 else packed
     steps.append((xnor_conv, (source, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
-                              limit, out_bits, out_padding, rows),
+                              limit, out_bits, out_padding, rows, workers),
                   conv_work(source.shape[0], out.shape[1], out.shape[2],
                             limit.size if limit.size > 0 else out.shape[3], weight)))
     return steps
@@ -529,6 +570,11 @@ class _SetByUs(threading.local):
 _NUMBA_THREADS = _SetByUs()
 
 
+def usable_threads(threads: int) -> int:
+    """The thread count numba can run for a wish of ``threads``: 1 to NUMBA_NUM_THREADS."""
+    return max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+
+
 def sync_threads(threads: int) -> int:
     """Run numba's parallel loops on ``threads`` threads (at most NUMBA_NUM_THREADS); returns that count.
 
@@ -538,7 +584,7 @@ def sync_threads(threads: int) -> int:
     thread count to NUMBA_NUM_THREADS: PyTorch then reported and used every core
     (a process started with OMP_NUM_THREADS=1 ran its float convolutions on two).
     """
-    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    threads = usable_threads(threads)
     if _NUMBA_THREADS.count == threads:
         return threads
     torch_threads = torch.get_num_threads()

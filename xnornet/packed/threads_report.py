@@ -90,10 +90,10 @@ def recorded_calls(module: torch.nn.Module, x: Any) -> List[Tuple[kernels.Kernel
 
 
 def with_rows(kernel: kernels.Kernel, args: tuple, parallel: bool) -> tuple:
-    """The arguments of a recorded call, the rows per job of the XNOR kernel and of NCHW packing
-    set as the engine would for that build."""
-    if kernel is kernels.xnor_conv:
-        return args[:-1] + (kernels.rows_per_job(args[9].shape[1], args[0].shape[0], 2, parallel),)
+    """The arguments of a recorded call, the rows per job (and the XNOR kernel's workers) set as
+    the engine would for that build."""
+    if kernel is kernels.xnor_conv:  # rows per job and workers
+        return args[:-2] + (kernels.rows_per_job(args[9].shape[1], args[0].shape[0], 2, parallel), 2 if parallel else 1)
     if kernel is kernels.pack_nchw:
         return args[:-1] + (kernels.rows_per_job(args[0].shape[2], args[0].shape[0], 2, parallel,
                                                  kernels.PACK_JOBS_PER_THREAD),)
