@@ -284,6 +284,34 @@ def test_parallel_builds_give_the_serial_results(two_threads) -> None:
     assert results["serial"][5].any()
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_every_convolution_job_runs_whether_claimed_or_in_fixed_shares(workers: int, two_threads) -> None:
+    """With enough jobs per worker (``kernels.CLAIMED_FROM``), the last quarter of the convolution's
+    jobs is handed out one at a time: every job still runs once (no output left unwritten) and
+    the parallel build writes what the serial build writes; likewise below that count (a few
+    one-row jobs per worker, all in fixed shares)."""
+    generator = torch.Generator().manual_seed(9)
+    cin, cout, k, height, width = 70, 130, 3, 4, 5
+    w_signs = (torch.rand(cout, cin, k, k, generator=generator) < 0.5).numpy()
+    weight, tap_ones = runtime_weight(w_signs, 1)
+    offsets = padding_offsets(tap_ones, cin, height, width, k, 1, 1)
+    alpha, bias = torch.rand(cout, generator=generator).numpy(), torch.randn(cout, generator=generator).numpy()
+    outputs = []
+    for batch in (kernels.CLAIMED_FROM * workers // height, 2 * workers // height + 1):
+        x = torch.randn(batch, cin, height, width, generator=generator)
+        packed = np.zeros((batch, height + 2, width + 2, 1, words_for(cin)), np.int64)
+        kernels.pack_nchw(x.numpy(), np.zeros(cin, np.float32), 1, 1, packed, height)
+        for build in (kernels.xnor_conv.serial, kernels.xnor_conv.parallel):
+            out = np.full((batch, height, width, cout), np.nan, np.float32)
+            build(packed, weight, offsets, 1, k, k, alpha, bias, kernels.empty_scale(), out,
+                  *kernels.no_bit_output(), 0, 1, workers if build is kernels.xnor_conv.parallel else 1)
+            outputs.append(out)
+    assert outputs[0].shape[0] * height >= kernels.CLAIMED_FROM * workers  # one job per output row
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_array_equal(outputs[2], outputs[3])
+    assert not np.isnan(outputs[1]).any() and not np.isnan(outputs[3]).any()
+
+
 def test_parallel_kernels_run_on_numbas_openmp_layer_on_linux(two_threads) -> None:
     """On Linux with GNU OpenMP, numba's parallel loops take its OpenMP layer (a loop starts in
     microseconds, not the work queue's ~100 µs); elsewhere the work queue; a user's

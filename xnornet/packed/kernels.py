@@ -305,6 +305,10 @@ def _conv_job(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale,
                     dst[o] = max(value, np.float32(0.0))
 
 
+#: Jobs per worker from which :func:`_conv_worker` hands out the last quarter one at a time.
+CLAIMED_FROM = 16
+
+
 @njit(cache=True)
 def _conv_worker(worker, workers, claimed, x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
                  limit, out_bits, out_padding, rows_per_job):  # pragma: no cover  (compiled)
@@ -312,13 +316,14 @@ def _conv_worker(worker, workers, claimed, x, weight, offset, stride, kernel_h, 
     first three quarters of the jobs, then the rest one at a time, each taken from the shared
     count ``claimed`` (int64 [1], 0 at the start). A thread that starts late or runs slow (the
     other tenants of a shared machine) then holds up the others by one job at most, not by its
-    whole share."""
+    whole share. With fewer than :data:`CLAIMED_FROM` jobs per worker (NIN at batch 1) all jobs
+    go in fixed shares."""
     jobs = _conv_job_count(x, weight, out, limit, rows_per_job)
-    shared = jobs - jobs // 4
+    shared = jobs - jobs // 4 if jobs >= CLAIMED_FROM * workers else jobs
     for job in range(worker * shared // workers, (worker + 1) * shared // workers):
         _conv_job(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale, out,
                   limit, out_bits, out_padding, rows_per_job, job)
-    while True:
+    while shared < jobs:
         job = shared + fetch_add(claimed, 0, 1)
         if job >= jobs:
             break
