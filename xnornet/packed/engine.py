@@ -133,8 +133,7 @@ class CallPlan:
     calling Python thread: the buffer shapes and the fixed arguments of its kernel call (the
     padding correction, the work split, which steps run in parallel), and the scratch buffers the
     call reuses. A forward at batch 1 takes tens of microseconds; redoing this arithmetic in
-    Python took a good part of it, and a fresh zeroed scratch array costs about 0.5 µs at batch 1
-    (15-17 µs for NIN's largest at batch 64)."""
+    Python, or allocating and zeroing fresh scratch arrays, took a part of it on every call."""
 
     out_shape: Tuple[int, ...]  # [N, Ho, Wo, O] float output, or [N, Ho, Wo, 0] for a bit output
     bits_shape: Tuple[int, ...]  # () unless the block emits bits
