@@ -589,6 +589,8 @@ def sync_threads(threads: int) -> int:
     thread count to NUMBA_NUM_THREADS: PyTorch then reported and used every core
     (a process started with OMP_NUM_THREADS=1 ran its float convolutions on two).
     """
+    if _NUMBA_THREADS.count == threads:  # every call of a block: the count set last time
+        return threads
     threads = usable_threads(threads)
     if _NUMBA_THREADS.count == threads:
         return threads
