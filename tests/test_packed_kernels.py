@@ -107,6 +107,26 @@ def merged_rows(packed: np.ndarray, kernel_size: int, group_channels: int) -> np
     return merged
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+def test_compare_words_hold_one_bit_per_pair_and_zeros_above(dtype) -> None:
+    """``_ge_word``: bit ``i`` is ``a[a_start + i] >= b[b_start + i]`` for every count 0-64 (the
+    64-, 32-, 16- and 8-lane compares and the one-at-a-time rest), higher bits 0; ties give 1,
+    a NaN gives 0 (as ``>=`` does)."""
+    rng = np.random.default_rng(3)
+    a = rng.integers(-3, 4, 200).astype(dtype)  # small values: many ties
+    b = rng.integers(-3, 4, 150).astype(dtype)
+    if dtype == np.float32:
+        a[[5, 77]] = np.nan
+        b[40] = np.nan
+    for count in range(kernels.WORD_BITS + 1):
+        for a_start, b_start in ((0, 0), (5, 37), (136 - count, 86 - count)):
+            expected = 0
+            for i in range(count):
+                expected |= int(a[a_start + i] >= b[b_start + i]) << i
+            word = kernels._ge_word(a, a_start, b, b_start, count)
+            assert np.uint64(np.int64(word)) == np.uint64(expected), (count, a_start, b_start)
+
+
 def test_merged_kernel_rows_concatenate_the_window_bits() -> None:
     """Bit kx * C_g + c of a merged row is channel c of pixel x + kx; the tail bits are 0."""
     generator = torch.Generator().manual_seed(11)

@@ -144,6 +144,7 @@ class CallPlan:
     # an empty array where the block has none.
     packed: np.ndarray
     merged: np.ndarray
+    no_output: np.ndarray  # the empty [N, Ho, Wo, 0] float output of a bit-emitting block (read for its shape)
 
     @classmethod
     def make(cls, block: "PackedBinConv2d", layout: str, shape: Tuple[int, ...], threads: int) -> "CallPlan":
@@ -179,7 +180,8 @@ class CallPlan:
                                             words_for(c.output_channels)),
                    pack_parallel or merge_parallel or conv_parallel, constants,
                    block._no_bits if layout == "bits" else np.zeros(packed_shape, np.int64),
-                   np.empty(merged_shape, np.int64) if block._merge_rows else block._no_bits)
+                   np.empty(merged_shape, np.int64) if block._merge_rows else block._no_bits,
+                   np.empty((images, out_h, out_w, 0), np.float32))
 
 
 class PackedBinConv2d(nn.Module):
@@ -363,7 +365,7 @@ class PackedBinConv2d(nn.Module):
             plan = self._plans[key] = CallPlan.make(self, layout, source.shape, threads)
         packed, merged = source if layout == "bits" else plan.packed, plan.merged
         bits = np.zeros(plan.bits_shape, np.int64) if plan.bits_shape else self._no_bits
-        out = np.empty(plan.out_shape, np.float32)
+        out = plan.no_output if plan.bits_shape else np.empty(plan.out_shape, np.float32)
         scale_array = self._no_scale if scale is None else np.ascontiguousarray(
             scale.float().numpy()).reshape(plan.out_shape[:3])
         kernels.xnor_block(source if layout == "nhwc" else self._no_input,

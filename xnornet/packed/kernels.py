@@ -41,11 +41,9 @@ import torch
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from llvmlite import ir
 
 WORD_BITS = 64
-#: ``(v * BYTES_TO_BITS) >> 56`` gathers the low bits of the 8 bytes of ``v`` (each 0 or 1)
-#: into one byte, byte ``i`` becoming bit ``i``.
-BYTES_TO_BITS = 0x0102040810204080
 
 
 def choose_threading_layer() -> str:
@@ -107,13 +105,70 @@ def fetch_add(typingctx, counter, index, value):  # noqa: ARG001  (numba intrins
     return types.int64(counter, types.intp, types.int64), codegen
 
 
+def _ge_bits_intrinsic(width: int) -> Any:
+    """An intrinsic ``ge_bits(a, a_start, b, b_start)``: an int64 whose bit ``i`` (``i < width``) is
+    ``a[a_start + i] >= b[b_start + i]``, for 1-D C-contiguous arrays of one float or signed
+    integer dtype.
+
+    One vector compare of ``width`` lanes whose mask is the word (AVX-512: ``vcmpps`` into a mask
+    register), where a loop of byte flags gathered into bits took several instructions per bit.
+    Floats compare ordered (a NaN gives 0), as ``>=`` does. The caller keeps both ranges inside
+    their arrays: the lanes are loaded without bounds checks.
+    """
+
+    def typer(typingctx, a, a_start, b, b_start):  # noqa: ARG001  (numba intrinsic signature)
+        if not all(isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
+                   for array in (a, b)):
+            return None
+        if a.dtype != b.dtype or not (isinstance(a.dtype, types.Float)
+                                      or (isinstance(a.dtype, types.Integer) and a.dtype.signed)):
+            return None
+
+        def codegen(context, builder, signature, args):  # noqa: ARG001
+            lanes = ir.VectorType(context.get_value_type(a.dtype), width)
+
+            def load(array_type, array, start):
+                structure = context.make_array(array_type)(context, builder, array)
+                pointer = cgutils.get_item_pointer(context, builder, array_type, structure, [start])
+                loaded = builder.load(builder.bitcast(pointer, lanes.as_pointer()))
+                loaded.align = a.dtype.bitwidth // 8  # element alignment: the start is any index
+                return loaded
+
+            left, right = load(a, args[0], args[1]), load(b, args[2], args[3])
+            if isinstance(a.dtype, types.Float):
+                mask = builder.fcmp_ordered(">=", left, right)
+            else:
+                mask = builder.icmp_signed(">=", left, right)
+            return builder.zext(builder.bitcast(mask, ir.IntType(width)), ir.IntType(64))
+
+        return types.int64(a, types.intp, b, types.intp), codegen
+
+    typer.__name__ = f"ge_bits{width}"
+    return intrinsic(typer)
+
+
+ge_bits64, ge_bits32, ge_bits16, ge_bits8 = (_ge_bits_intrinsic(width) for width in (64, 32, 16, 8))
+
+
 @njit(inline="always", cache=True)
-def _flags_to_word(flag_words, k):  # pragma: no cover  (compiled)
-    """Word ``k`` of the bits held as 0/1 bytes (viewed as int64, 8 bytes each): byte ``i`` -> bit ``i``."""
+def _ge_word(a, a_start, b, b_start, count):  # pragma: no cover  (compiled)
+    """The word whose bit ``i`` is ``a[a_start + i] >= b[b_start + i]`` for ``i < count`` (at most
+    64), the higher bits 0: vector compares of 64, 32, 16 and 8 lanes, then one at a time."""
+    if count >= WORD_BITS:
+        return ge_bits64(a, a_start, b, b_start)
     word = np.int64(0)
-    for byte in range(8):
-        gathered = (flag_words[k * 8 + byte] * BYTES_TO_BITS) >> 56
-        word |= (gathered & 0xFF) << (8 * byte)
+    done = 0
+    if count - done >= 32:
+        word |= ge_bits32(a, a_start + done, b, b_start + done) << done
+        done += 32
+    if count - done >= 16:
+        word |= ge_bits16(a, a_start + done, b, b_start + done) << done
+        done += 16
+    if count - done >= 8:
+        word |= ge_bits8(a, a_start + done, b, b_start + done) << done
+        done += 8
+    for i in range(done, count):
+        word |= np.int64(a[a_start + i] >= b[b_start + i]) << i
     return word
 
 
@@ -125,17 +180,13 @@ def _pack_nhwc_row(x, threshold, groups, padding, out, job):  # pragma: no cover
     per_group = channels // groups
     n = job // height
     h = job - n * height
-    flags = np.zeros(words * WORD_BITS, np.uint8)  # bytes past per_group stay 0
-    flag_words = flags.view(np.int64)
     for w in range(width):
         pixel = x[n, h, w]
+        dst = out[n, h + padding, w + padding]
         for g in range(groups):
-            base = g * per_group
-            for c in range(per_group):
-                flags[c] = pixel[base + c] >= threshold[base + c]
-            dst = out[n, h + padding, w + padding, g]
             for k in range(words):
-                dst[k] = _flags_to_word(flag_words, k)
+                start = g * per_group + k * WORD_BITS
+                dst[g, k] = _ge_word(pixel, start, threshold, start, min(WORD_BITS, per_group - k * WORD_BITS))
 
 
 @njit(cache=True)
@@ -255,10 +306,7 @@ def _conv_job(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale,
     # One 2-D array each (not one per position): LLVM then needs a single alias check to vectorize.
     acc = np.zeros((2, block), np.int64)
     values = np.zeros((2, reduction), np.int64)  # the rounding-up tail stays 0
-    limits = limit[first:stop]  # empty slices in the mode that does not use them
-    # Flag bytes of this job's channels, rounded up to whole words (the tail stays 0).
-    flags = np.zeros(((stop - first + WORD_BITS - 1) // WORD_BITS * WORD_BITS) if emit_bits else 0, np.uint8)
-    flag_words = flags.view(np.int64)
+    dots = np.empty(stop - first if emit_bits else 0, np.int32)  # a position's dot products (bit output)
     alphas, biases = alpha[first:stop], bias[first:stop]
     for oy in range(chunk * rows_per_job, min(out_h, (chunk + 1) * rows_per_job)):
         for ox0 in range(0, out_w, 2):
@@ -292,11 +340,13 @@ def _conv_job(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale,
                 positions = offset[at_y, at_x, first:stop]
                 ones = acc[which]
                 if emit_bits:
-                    for o in range(stop - first):  # one flag byte per channel (vectorizes)
-                        flags[o] = positions[o] - 2 * ones[o] >= limits[o]
+                    for o in range(stop - first):  # vectorizes
+                        dots[o] = positions[o] - 2 * ones[o]
                     dst_words = out_bits[n, oy + out_padding, ox + out_padding, 0]
-                    for k in range(flag_words.size // 8):
-                        dst_words[first // WORD_BITS + k] = _flags_to_word(flag_words, k)
+                    for k in range((stop - first + WORD_BITS - 1) // WORD_BITS):
+                        dst_words[first // WORD_BITS + k] = _ge_word(
+                            dots, k * WORD_BITS, limit, first + k * WORD_BITS,
+                            min(WORD_BITS, stop - first - k * WORD_BITS))
                     continue
                 factor = scale[n, oy, ox] if has_scale else np.float32(1.0)
                 dst = out[n, oy, ox, first:stop]
@@ -476,14 +526,20 @@ class Kernel:
         self.parallel = njit(parallel=True, cache=True)(function)
         self.serial = njit(cache=True)(_renamed(function, "_serial"))
         self.serial_below = serial_below
-        self.process = os.getpid()  # a forked child inherits this and sees another pid
+        # Set in a child forked by Python (multiprocessing, os.fork): an attribute read per call,
+        # where asking for the process id cost a quarter of a microsecond.
+        self.forked = False
+        os.register_at_fork(after_in_child=self._mark_forked)
         self.__doc__ = function.__doc__
+
+    def _mark_forked(self) -> None:
+        self.forked = True
 
     def runs_parallel(self, work: Optional[int], threads: Optional[int], parallel: Optional[bool] = None) -> bool:
         """Whether a call takes the parallel build: more than one thread, ``parallel`` if given
         (else ``work`` at or above ``serial_below``), and not in a forked child."""
         wanted = parallel if parallel is not None else (work is None or work >= self.serial_below)
-        return threads != 1 and wanted and os.getpid() == self.process
+        return threads != 1 and wanted and not self.forked
 
     def __call__(self, *args: Any, work: Optional[int] = None, threads: Optional[int] = None,
                  parallel: Optional[bool] = None) -> None:
