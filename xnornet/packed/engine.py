@@ -144,7 +144,7 @@ class CallPlan:
     # an empty array where the block has none.
     packed: np.ndarray
     merged: np.ndarray
-    no_output: np.ndarray  # the empty [N, Ho, Wo, 0] float output of a bit-emitting block (read for its shape)
+    no_output: np.ndarray  # a bit-emitting block's empty float output [N, Ho, Wo, 0] (read for its shape)
 
     @classmethod
     def make(cls, block: "PackedBinConv2d", layout: str, shape: Tuple[int, ...], threads: int) -> "CallPlan":
@@ -175,13 +175,14 @@ class CallPlan:
                      kernels.rows_per_job(out_h, images, threads, conv_parallel),
                      kernels.rows_per_job(height, images, threads, pack_parallel, kernels.PACK_JOBS_PER_THREAD),
                      kernels.usable_threads(threads) if conv_parallel else 1)
-        return cls((images, out_h, out_w, 0 if ring is not None else c.output_channels),
+        out_shape = (images, out_h, out_w, 0 if ring is not None else c.output_channels)
+        return cls(out_shape,
                    () if ring is None else (images, out_h + 2 * ring, out_w + 2 * ring, 1,
                                             words_for(c.output_channels)),
                    pack_parallel or merge_parallel or conv_parallel, constants,
                    block._no_bits if layout == "bits" else np.zeros(packed_shape, np.int64),
                    np.empty(merged_shape, np.int64) if block._merge_rows else block._no_bits,
-                   np.empty((images, out_h, out_w, 0), np.float32))
+                   np.empty(out_shape if ring is not None else (0, 0, 0, 0), np.float32))
 
 
 class PackedBinConv2d(nn.Module):

@@ -110,7 +110,7 @@ def _ge_bits_intrinsic(width: int) -> Any:
     ``a[a_start + i] >= b[b_start + i]``, for 1-D C-contiguous arrays of one float or signed
     integer dtype.
 
-    One vector compare of ``width`` lanes whose mask is the word (AVX-512: ``vcmpps`` into a mask
+    One vector compare of ``width`` lanes whose mask is the word (AVX-512: a compare into a mask
     register), where a loop of byte flags gathered into bits took several instructions per bit.
     Floats compare ordered (a NaN gives 0), as ``>=`` does. The caller keeps both ranges inside
     their arrays: the lanes are loaded without bounds checks.
