@@ -172,11 +172,19 @@ def _ge_word(a, a_start, b, b_start, count):  # pragma: no cover  (compiled)
     return word
 
 
+@njit(inline="always", cache=True)
+def _ge_words(a, a_start, b, b_start, count, dst, dst_start):  # pragma: no cover  (compiled)
+    """``count`` comparisons ``a[a_start + i] >= b[b_start + i]`` as ``ceil(count / 64)`` words
+    (:func:`_ge_word`), written to ``dst[dst_start:]``; the last word's unused high bits are 0."""
+    for k in range((count + WORD_BITS - 1) // WORD_BITS):
+        offset = k * WORD_BITS
+        dst[dst_start + k] = _ge_word(a, a_start + offset, b, b_start + offset, min(WORD_BITS, count - offset))
+
+
 @njit(cache=True)
 def _pack_nhwc_row(x, threshold, groups, padding, out, job):  # pragma: no cover  (compiled)
     """Row ``job`` (image ``job // H``, row ``job % H``) of :func:`pack_nhwc`."""
     height, width, channels = x.shape[1], x.shape[2], x.shape[3]
-    words = out.shape[4]
     per_group = channels // groups
     n = job // height
     h = job - n * height
@@ -184,9 +192,7 @@ def _pack_nhwc_row(x, threshold, groups, padding, out, job):  # pragma: no cover
         pixel = x[n, h, w]
         dst = out[n, h + padding, w + padding]
         for g in range(groups):
-            for k in range(words):
-                start = g * per_group + k * WORD_BITS
-                dst[g, k] = _ge_word(pixel, start, threshold, start, min(WORD_BITS, per_group - k * WORD_BITS))
+            _ge_words(pixel, g * per_group, threshold, g * per_group, per_group, dst[g], 0)
 
 
 @njit(cache=True)
@@ -342,11 +348,8 @@ def _conv_job(x, weight, offset, stride, kernel_h, kernel_w, alpha, bias, scale,
                 if emit_bits:
                     for o in range(stop - first):  # vectorizes
                         dots[o] = positions[o] - 2 * ones[o]
-                    dst_words = out_bits[n, oy + out_padding, ox + out_padding, 0]
-                    for k in range((stop - first + WORD_BITS - 1) // WORD_BITS):
-                        dst_words[first // WORD_BITS + k] = _ge_word(
-                            dots, k * WORD_BITS, limit, first + k * WORD_BITS,
-                            min(WORD_BITS, stop - first - k * WORD_BITS))
+                    _ge_words(dots, 0, limit, first, stop - first,
+                              out_bits[n, oy + out_padding, ox + out_padding, 0], first // WORD_BITS)
                     continue
                 factor = scale[n, oy, ox] if has_scale else np.float32(1.0)
                 dst = out[n, oy, ox, first:stop]
