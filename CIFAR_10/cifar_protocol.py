@@ -5,6 +5,9 @@
 - ``standard``: per-channel mean/std of the training set, random crop 32 with
   zero padding 4 and horizontal flip, done batched on the device.
 
+Either protocol may turn the crop and flip on or off (``crop_flip``; on the GCN+ZCA data
+the padding is 0, the images' mean) and hold the last training images out (``holdout``).
+
 The whole dataset stays on the device; a batch is a slice of it.
 """
 
@@ -39,6 +42,8 @@ class PreparedData:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     train_transform: Optional[Transform] = None
+    holdout_images: Optional[torch.Tensor] = None
+    holdout_labels: Optional[torch.Tensor] = None
 
 
 def channel_stats(images: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -64,15 +69,30 @@ def prepare(
     train_subset: Optional[int] = None,
     test_subset: Optional[int] = None,
     memory_format: torch.memory_format = torch.contiguous_format,
+    crop_flip: Optional[bool] = None,
+    holdout: int = 0,
 ) -> PreparedData:
-    """Tensors on ``device`` for ``protocol``; subsets are the first N images, taken after preprocessing."""
+    """Tensors on ``device`` for ``protocol``; subsets are the first N images, taken after preprocessing.
+
+    ``crop_flip`` None means the protocol's own choice (standard: on, seed: off).
+    ``holdout`` moves the last N images of the (subset of the) training set into
+    ``holdout_images`` / ``holdout_labels``, normalized like the test images.
+    """
     n_train = _subset(train_subset, len(raw.train_labels), "--train-subset", "training")
     n_test = _subset(test_subset, len(raw.test_labels), "--test-subset", "test")
+    if holdout >= n_train:
+        raise UserError(f"--holdout {holdout} leaves no training image of the {n_train}")
+    n_fit = n_train - holdout
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}")
+    if crop_flip is None:
+        crop_flip = protocol == "standard"
 
     def on_device(images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(images)).to(device).contiguous(memory_format=memory_format)
 
-    train_labels = torch.from_numpy(raw.train_labels[:n_train]).to(device)
+    labels = torch.from_numpy(raw.train_labels[:n_train]).to(device)
+    train_labels, holdout_labels = labels[:n_fit], labels[n_fit:]
     test_labels = torch.from_numpy(raw.test_labels[:n_test]).to(device)
 
     if protocol == "seed":
@@ -81,10 +101,18 @@ def prepare(
             train, test = raw.train_images, raw.test_images
         else:
             train, test = cached_gcn_zca(raw.train_images, raw.test_images, cache_dir, device)
-        return PreparedData(on_device(train[:n_train]), train_labels, on_device(test[:n_test]), test_labels)
+        transform = None
+        if crop_flip:
+            def transform(batch: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+                cropped = random_crop_flip(batch, padding=CROP_PADDING, generator=generator)
+                return cropped.contiguous(memory_format=memory_format)
 
-    if protocol != "standard":
-        raise ValueError(f"unknown protocol {protocol!r}")
+        return PreparedData(
+            on_device(train[:n_fit]), train_labels, on_device(test[:n_test]), test_labels, train_transform=transform,
+            holdout_images=on_device(train[n_fit:n_train]) if holdout else None,
+            holdout_labels=holdout_labels if holdout else None,
+        )
+
     if raw.preprocessed:
         raise UserError(
             f"--protocol standard needs raw pixels, but {raw.folder} holds the 2017 arrays, already GCN+ZCA "
@@ -100,9 +128,13 @@ def prepare(
 
     def augment(batch: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         # Crop and flip the uint8 pixels (zero padding = black, as torchvision pads), then normalize.
-        return normalize(random_crop_flip(batch, padding=CROP_PADDING, generator=generator))
+        if crop_flip:
+            batch = random_crop_flip(batch, padding=CROP_PADDING, generator=generator)
+        return normalize(batch)
 
     # Training pixels stay uint8 on the device (4x smaller); test images are normalized once.
-    train_pixels = torch.from_numpy(raw.train_images[:n_train].copy()).to(device)
+    train_pixels = torch.from_numpy(raw.train_images[:n_fit].copy()).to(device)
     test_images = normalize(torch.from_numpy(raw.test_images[:n_test].copy()).to(device))
-    return PreparedData(train_pixels, train_labels, test_images, test_labels, train_transform=augment)
+    held = normalize(torch.from_numpy(raw.train_images[n_fit:n_train].copy()).to(device)) if holdout else None
+    return PreparedData(train_pixels, train_labels, test_images, test_labels, train_transform=augment,
+                        holdout_images=held, holdout_labels=holdout_labels if holdout else None)

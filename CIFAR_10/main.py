@@ -20,10 +20,10 @@ from cifar_data import FORMATS, download, load_cifar10
 from cifar_protocol import PROTOCOLS, prepare
 from nin import ARCHITECTURES, build_model
 from xnornet.cache import CACHE_ENV, check_outside, resolve_cache_dir
-from xnornet.cli import ArgumentParser, positive_int, run_cli, setup_logging
+from xnornet.cli import ArgumentParser, non_negative_int, positive_int, run_cli, setup_logging
 from xnornet.distributed import init_distributed
 from xnornet.engine import epoch_seed, iterate_tensors
-from xnornet.recipe import add_common_args, run_recipe
+from xnornet.recipe import add_common_args, precision, run_recipe
 
 RECIPE_DIR = Path(__file__).resolve().parent
 LOG = logging.getLogger("xnornet")
@@ -53,6 +53,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="train on the first N training images only (default: all)")
     group.add_argument("--test-subset", type=positive_int, default=None, metavar="N",
                        help="test on the first N test images only (default: all)")
+    group.add_argument("--holdout", type=non_negative_int, default=0, metavar="N",
+                       help="hold the last N training images out of training and report their accuracy after "
+                            "every epoch (holdout_acc in the log), for choosing a recipe without the test set; "
+                            "the GCN+ZCA is still fitted on all training images (default: 0)")
+    group.add_argument("--crop-flip", action=argparse.BooleanOptionalAction, default=None,
+                       help="augment training images by a random crop 32 of the image padded by 4 (zeros) and a "
+                            "horizontal flip (default: on for --protocol standard, off for seed, as in 2017)")
     group.add_argument("--test-batch-size", type=positive_int, default=100, metavar="N",
                        help="test batch size (default: 100)")
     group = parser.add_argument_group("schedule and device")
@@ -60,9 +67,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="epochs at which the learning rate is multiplied by 0.1 (default: 120 200 240 280)")
     group.add_argument("--cpu", "--no-cuda", dest="cpu", action="store_true",
                        help="run on the CPU even if CUDA is available")
-    group.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA (no effect on the CPU)")
-    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                       help="channels_last memory format (default: on with CUDA, off on the CPU)")
     add_common_args(parser, epochs=319, lr=0.01, weight_decay=1e-5, batch_size=128)
     return parser
 
@@ -73,10 +77,7 @@ def main(args: argparse.Namespace) -> dict:
     dist_info = init_distributed(use_cuda=use_cuda)
     if use_cuda:
         torch.backends.cudnn.benchmark = True
-    channels_last = use_cuda if args.channels_last is None else args.channels_last
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if args.amp and not use_cuda:
-        LOG.warning("--amp has no effect on the CPU")
+    amp_dtype, memory_format = precision(args, dist_info.device)
 
     if args.download:
         download(args.data)
@@ -88,9 +89,11 @@ def main(args: argparse.Namespace) -> dict:
     if args.protocol == "seed" and not raw.preprocessed:
         check_outside(cache_dir, args.data)
     data = prepare(raw, args.protocol, device=dist_info.device, cache_dir=cache_dir,
-                   train_subset=args.train_subset, test_subset=args.test_subset, memory_format=memory_format)
-    LOG.info("protocol %s: training on %d images, testing on %d",
-             args.protocol, len(data.train_labels), len(data.test_labels))
+                   train_subset=args.train_subset, test_subset=args.test_subset, memory_format=memory_format,
+                   crop_flip=args.crop_flip, holdout=args.holdout)
+    LOG.info("protocol %s%s: training on %d images, %stesting on %d",
+             args.protocol, " with crop+flip" if data.train_transform is not None else "",
+             len(data.train_labels), f"holding out {args.holdout}, " if args.holdout else "", len(data.test_labels))
 
     model = build_model(args.arch).to(dist_info.device, memory_format=memory_format)
 
@@ -110,6 +113,9 @@ def main(args: argparse.Namespace) -> dict:
     def test_batches():
         return iterate_tensors(data.test_images, data.test_labels, args.test_batch_size)
 
+    def holdout_batches():
+        return iterate_tensors(data.holdout_images, data.holdout_labels, args.test_batch_size)
+
     return run_recipe(
         args,
         model=model,
@@ -119,7 +125,8 @@ def main(args: argparse.Namespace) -> dict:
         milestones=args.milestones,
         dist_info=dist_info,
         recipe_dir=RECIPE_DIR,
-        amp_dtype=torch.bfloat16 if args.amp else None,
+        amp_dtype=amp_dtype,
+        holdout_batches=holdout_batches if args.holdout else None,
     )
 
 

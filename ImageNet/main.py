@@ -29,7 +29,7 @@ from imagenet_data import (
 )
 from xnornet.cli import ArgumentParser, UserError, non_negative_int, positive_int, run_cli, setup_logging
 from xnornet.distributed import DistInfo, cleanup_distributed, init_distributed
-from xnornet.recipe import add_common_args, run_recipe
+from xnornet.recipe import add_common_args, precision, run_recipe
 
 RECIPE_DIR = Path(__file__).resolve().parent
 LOG = logging.getLogger("xnornet")
@@ -37,7 +37,6 @@ LOG = logging.getLogger("xnornet")
 #: notes eq. (11): the 2017 ImageNet code multiplied the corrected weight gradient (already
 #: scaled by n(1 - 1/C_in)) by a further 1e9.
 LEGACY_GRAD_MULTIPLIER = 1e9
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -68,9 +67,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden-features", type=positive_int, default=HIDDEN_FEATURES, metavar="N",
                         help=f"width of the two hidden classifier layers (default: {HIDDEN_FEATURES} as in 2017; "
                              "smaller only for smoke tests)")
-    parser.add_argument("--amp", nargs="?", const="bf16", default=None, choices=sorted(AMP_DTYPES),
-                        help="CUDA autocast: bf16 (the default with a bare --amp) or fp16 (no loss scaling: "
-                             "prefer bf16); no effect on the CPU")
     parser.add_argument("--legacy-grad-multiplier", action="store_true",
                         help="multiply the corrected weight gradient by a further 1e9, on top of "
                              "--grad-scale, like the 2017 ImageNet code (notes eq. 11)")
@@ -103,9 +99,7 @@ def main(args: argparse.Namespace) -> dict:
 
 def train_or_evaluate(args: argparse.Namespace, dist_info: DistInfo) -> dict:
     batch_size = per_rank_batch_size(args.batch_size, dist_info.world_size)
-    amp_dtype = AMP_DTYPES[args.amp] if args.amp else None
-    if amp_dtype is not None and dist_info.device.type != "cuda":
-        LOG.warning("--amp has no effect on the CPU")
+    amp_dtype, memory_format = precision(args, dist_info.device)
     if dist_info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -117,7 +111,7 @@ def train_or_evaluate(args: argparse.Namespace, dist_info: DistInfo) -> dict:
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(args.arch, num_classes=data.num_classes, input_size=args.input_size,
-                        hidden_features=args.hidden_features).to(dist_info.device)
+                        hidden_features=args.hidden_features).to(dist_info.device, memory_format=memory_format)
     train_model = None
     if dist_info.enabled:
         device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None

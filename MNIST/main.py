@@ -19,8 +19,8 @@ from mnist_data import BACKGROUND, download, load_mnist
 from xnornet.augment import random_crop_flip
 from xnornet.cli import ArgumentParser, non_negative_int, positive_int, run_cli, setup_logging
 from xnornet.distributed import init_distributed
-from xnornet.engine import cosine_lr_at_epoch, epoch_seed, iterate_tensors
-from xnornet.recipe import add_common_args, run_recipe
+from xnornet.engine import epoch_seed, iterate_tensors
+from xnornet.recipe import add_common_args, precision, run_recipe
 
 RECIPE_DIR = Path(__file__).resolve().parent
 LOG = logging.getLogger("xnornet")
@@ -38,9 +38,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="test batch size (default: 128)")
     parser.add_argument("--lr-epochs", type=positive_int, default=15, metavar="N",
                         help="divide the learning rate by 10 every N epochs (default: 15)")
-    parser.add_argument("--lr-schedule", choices=("step", "cosine"), default="step",
-                        help="step = lr / 10 every --lr-epochs epochs (2017); cosine = cosine decay over "
-                             "--epochs, one value per epoch (default: step)")
     parser.add_argument("--shift", type=non_negative_int, default=0, metavar="PX",
                         help="augment training images by a random shift of up to PX pixels in each direction "
                              "(pad with the background and crop); 0 = none, as 2017 (default: 0)")
@@ -54,12 +51,15 @@ def main(args: argparse.Namespace) -> dict:
     dist_info = init_distributed(use_cuda=torch.cuda.is_available() and not args.no_cuda)
     if args.download:
         download(args.data)
+    amp_dtype, memory_format = precision(args, dist_info.device)
     data = load_mnist(args.data, dist_info.device)
     train_images, train_labels = data["train"]
     test_images, test_labels = data["test"]
+    train_images = train_images.contiguous(memory_format=memory_format)
+    test_images = test_images.contiguous(memory_format=memory_format)
     LOG.info("MNIST: %d training and %d test images from %s", len(train_labels), len(test_labels), args.data)
 
-    model = build_model(args.arch).to(dist_info.device)
+    model = build_model(args.arch).to(dist_info.device, memory_format=memory_format)
 
     def train_batches(epoch: int):
         # Shuffle and shifts depend only on (seed, epoch): a resumed run sees the same batches.
@@ -81,10 +81,9 @@ def main(args: argparse.Namespace) -> dict:
         num_train_batches=-(-len(train_labels) // args.batch_size),
         test_batches=test_batches,
         milestones=list(range(args.lr_epochs, args.epochs + 1, args.lr_epochs)),
-        lr_for_epoch=(lambda epoch: cosine_lr_at_epoch(args.lr, epoch, args.epochs))
-        if args.lr_schedule == "cosine" else None,
         dist_info=dist_info,
         recipe_dir=RECIPE_DIR,
+        amp_dtype=amp_dtype,
     )
 
 

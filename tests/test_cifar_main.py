@@ -122,6 +122,52 @@ def test_standard_protocol_py_layout_train_evaluate_resume(data, tmp_path):
         assert torch.allclose(state_a[key].float(), state_b[key].float(), atol=1e-6), key
 
 
+class _StopAfterSave(Exception):
+    """Raised right after the chosen within-epoch checkpoint was written (a kill at that moment)."""
+
+
+@pytest.mark.parametrize("precision", [(), ("--amp",)], ids=["fp32", "bf16"])
+def test_resume_inside_an_epoch_is_bit_identical(data, tmp_path, monkeypatch, precision):
+    """Stopped right after the checkpoint of epoch 2, step 2 (of 4), the run resumes at that
+    step and ends with the weights, optimizer state and log of an uninterrupted run, bit for bit."""
+    import xnornet.engine as engine
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ("--data", data["root"] / "bin", "--cache-dir", data["cache"], "--batch-size", "16",
+              "--test-batch-size", "16", "--crop-flip", "--holdout", "8", "--lr-schedule", "cosine",
+              "--epochs", "3", "--checkpoint-steps", "1", *precision)
+    run_in_process("--output-dir", straight, *common)
+
+    real_save = engine.save_atomic
+
+    def save_then_stop(obj, path):
+        real_save(obj, path)
+        if obj.get("epoch") == 1 and obj.get("partial", {}).get("step") == 2:
+            raise _StopAfterSave()
+
+    monkeypatch.setattr(engine, "save_atomic", save_then_stop)
+    with pytest.raises(_StopAfterSave):
+        run_in_process("--output-dir", split, *common)
+    monkeypatch.setattr(engine, "save_atomic", real_save)
+    interrupted = torch.load(split / "last.pth", weights_only=True)
+    assert interrupted["epoch"] == 1 and interrupted["partial"]["step"] == 2
+    run_in_process("--resume", split / "last.pth", *common)
+
+    a, b = torch.load(straight / "last.pth", weights_only=True), torch.load(split / "last.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3 and "partial" not in b
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for index, slot in a["optimizer"]["state"].items():
+        for name, value in slot.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][name]), (index, name)
+    timeless = ("train_seconds", "seconds")
+    records_a = [{k: v for k, v in r.items() if k not in timeless} for r in log_records(straight) if "epoch" in r]
+    records_b = [{k: v for k, v in r.items() if k not in timeless} for r in log_records(split) if "epoch" in r]
+    assert [r["epoch"] for r in records_b] == [1, 2, 3]  # epoch 2 logged once, by the resumed run
+    assert records_a == records_b
+    assert "holdout_acc" in records_b[0] and records_b[0]["holdout_count"] == 8
+
+
 def test_2017_arrays_npy_layout(data, tmp_path, capsys):
     out = tmp_path / "run"
     common = ("--data", data["root"] / "npy", *FAST, "--arch", "nin_float", "--train-subset", "32",

@@ -13,8 +13,11 @@ def binary_sign(x: torch.Tensor) -> torch.Tensor:
 
     ``torch.sign`` maps 0 to 0, which would make a "binary" tensor ternary and
     could not be stored in one bit; this sign never returns 0.
+    ``sign(sign(x) + 1/2)`` maps {-1, 0, +1} to {-1, +1, +1} (and -0.0 to +1, as ``>= 0``
+    does) in two passes that allocate one tensor, several times faster on the CPU than a
+    ``where`` over a boolean mask.
     """
-    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+    return torch.sign(x).add_(0.5).sign_()
 
 
 class BinActive(torch.autograd.Function):
@@ -36,7 +39,8 @@ class BinActive(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        return grad_output * (x.abs() < 1).to(grad_output.dtype)
+        # hardtanh's backward is exactly this mask (gradient where -1 < x < 1), in one fused pass.
+        return torch.ops.aten.hardtanh_backward(grad_output, x, -1.0, 1.0)
 
 
 def bin_active(x: torch.Tensor) -> torch.Tensor:

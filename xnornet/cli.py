@@ -52,6 +52,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def setup_logging(verbose: bool = True) -> None:
     """Log lines to stderr; only rank 0 of a torchrun job logs at INFO."""
     rank = int(os.environ.get("RANK", "0"))

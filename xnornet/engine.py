@@ -46,10 +46,15 @@ class NonFiniteLoss(UserError):
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
-    """Mixed precision on CUDA when ``dtype`` is given; a no-op on CPU."""
-    if dtype is None or device.type != "cuda":
+    """Mixed precision (CUDA, or bfloat16 on the CPU) when ``dtype`` is given, else a no-op.
+
+    Only the autocast ops (convolutions, linear layers) run in ``dtype``; parameters, the
+    real weights that :class:`BinOp` saves, their corrected gradients and the optimizer
+    state stay float32.
+    """
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def lr_at_epoch(base_lr: float, epoch: int, milestones: Sequence[int], gamma: float = 0.1) -> float:
@@ -102,18 +107,26 @@ def train_one_epoch(
     num_batches: int,
     log_interval: int = 100,
     amp_dtype: Optional[torch.dtype] = None,
+    partial: Optional[EpochProgress] = None,
+    on_step: Optional[Callable[[int, Callable[[], EpochProgress]], None]] = None,
 ) -> Dict[str, float]:
     """One epoch of the XNOR-Net step: binarize, forward, backward, restore, fix grads, step.
 
+    ``partial`` continues an epoch interrupted after ``partial.step`` steps: ``batches``
+    yields the remaining batches, and the running sums go on from the saved ones.
+    ``on_step(step, snapshot)`` is called after every step but the last; ``snapshot()``
+    returns the :class:`EpochProgress` so far (it reads the running sums, so call it only
+    when checkpointing).
     Raises :class:`NonFiniteLoss` (checked every ``log_interval`` steps and at the end).
     """
     model.train()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
-    start = time.perf_counter()
-    bar = progress(batches, num_batches, f"epoch {epoch}")
-    for step, (images, targets) in enumerate(bar):
+    done = partial if partial is not None else EpochProgress()
+    loss_sum = torch.tensor(done.loss_sum, device=device, dtype=torch.float64)
+    correct = torch.tensor(done.correct, device=device, dtype=torch.int64)
+    seen = done.seen
+    start = time.perf_counter() - done.seconds
+    bar = progress(batches, num_batches - done.step, f"epoch {epoch}")
+    for step, (images, targets) in enumerate(bar, start=done.step):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
@@ -139,6 +152,10 @@ def train_one_epoch(
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
             else:
                 LOG.info("train epoch %d [%d/%d] loss %.6f", epoch, step + 1, num_batches, mean_loss)
+        if on_step is not None and step + 1 < num_batches:
+            on_step(step + 1, lambda steps=step + 1, seen=seen: EpochProgress(
+                step=steps, loss_sum=loss_sum.item(), correct=int(correct.item()),
+                seen=seen, seconds=time.perf_counter() - start))
     if seen == 0:
         raise UserError("the training set produced no batch: is it empty, or smaller than the batch size?")
     mean_loss = (loss_sum / seen).item()
@@ -194,13 +211,48 @@ def evaluate(
 
 
 @dataclass
+class EpochProgress:
+    """How far an epoch got: steps done and the running sums of its training metrics."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"step": self.step, "loss_sum": self.loss_sum, "correct": self.correct,
+                "seen": self.seen, "seconds": self.seconds}
+
+
+@dataclass
 class RunState:
-    """Where a run stands: the next epoch to train (1-based) and the accuracies so far."""
+    """Where a run stands: the next epoch to train (1-based), how far into it, the accuracies so far."""
 
     start_epoch: int = 1
     best_acc: float = 0.0
     last_acc: float = 0.0
     rng: Optional[Mapping[str, Any]] = None
+    partial: Optional[EpochProgress] = None
+
+
+class CheckpointClock:
+    """Decides when to write a checkpoint inside an epoch: every ``steps`` steps and/or
+    every ``minutes`` minutes since the last one (0 turns either off)."""
+
+    def __init__(self, steps: int = 0, minutes: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.steps = steps
+        self.seconds = 60.0 * minutes
+        self.clock = clock
+        self.last = clock()
+
+    def due(self, step: int) -> bool:
+        by_steps = self.steps > 0 and step % self.steps == 0
+        by_time = self.seconds > 0 and self.clock() - self.last >= self.seconds
+        return by_steps or by_time
+
+    def reset(self) -> None:
+        self.last = self.clock()
 
 
 def resume_run(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, arch: str) -> RunState:
@@ -218,11 +270,13 @@ def resume_run(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, ar
         optimizer.load_state_dict(checkpoint["optimizer"])
     except (ValueError, KeyError, RuntimeError) as err:
         raise UserError(f"--resume checkpoint {path!r}: optimizer state does not fit ({err})") from None
+    partial = checkpoint.get("partial")
     return RunState(
         start_epoch=int(checkpoint["epoch"]) + 1,
         best_acc=float(checkpoint.get("best_acc", 0.0)),
         last_acc=float(checkpoint.get("last_acc", 0.0)),
         rng=checkpoint.get("rng"),
+        partial=EpochProgress(**partial) if partial else None,
     )
 
 
@@ -271,26 +325,61 @@ def fit(
     log_interval: int = 100,
     topk: Sequence[int] = (1,),
     amp_dtype: Optional[torch.dtype] = None,
+    holdout_batches: Optional[Callable[[], Iterable[Batch]]] = None,
+    checkpoint_clock: Optional[CheckpointClock] = None,
 ) -> RunState:
     """Train epochs ``state.start_epoch .. epochs``; checkpoint and log after each one.
 
     ``train_batches(epoch)`` must be deterministic given the epoch (a shuffle
     seeded by seed and epoch), so that a resumed run repeats an uninterrupted one.
+    ``checkpoint_clock`` also writes ``last`` inside an epoch (with the step reached, the
+    running sums and the RNG states), from which a resumed run continues at that step.
+    ``holdout_batches``, when given, is evaluated after each epoch as ``holdout_*`` metrics
+    (held-out training images, for choosing a recipe without the test set).
     """
     metrics = MetricsLog(output_dir / "log.jsonl") if dist_info.is_main else None
     if metrics is not None:
         metrics.write(run_header(args, arch=arch, device=dist_info.device, world_size=dist_info.world_size))
-    if state.rng is not None:
+    if state.rng is not None and state.partial is None:
         restore_rng_state(state.rng)
+    if checkpoint_clock is not None:
+        checkpoint_clock.reset()
     for epoch in range(state.start_epoch, epochs + 1):
         lr = lr_for_epoch(epoch)
         set_lr(optimizer, lr)
-        start = time.perf_counter()
+        partial, state.partial = state.partial, None
+        start = time.perf_counter() - (partial.seconds if partial is not None else 0.0)
+        batches: Iterable[Batch] = train_batches(epoch)
+        if partial is not None:
+            # Draw the batches already trained on (a seeded shuffle, augmentation and loader
+            # advance as they did), then restore the RNG states saved at that step (dropout).
+            batches = iter(batches)
+            for _ in range(partial.step):
+                next(batches, None)
+            if state.rng is not None:
+                restore_rng_state(state.rng)
+
+        def save_within_epoch(step: int, snapshot: Callable[[], EpochProgress], epoch: int = epoch) -> None:
+            if checkpoint_clock is None or not dist_info.is_main or not checkpoint_clock.due(step):
+                return
+            checkpoint = training_checkpoint(
+                arch=arch, model=model, optimizer=optimizer, epoch=epoch - 1,
+                best_acc=state.best_acc, last_acc=state.last_acc, args=args,
+            )
+            checkpoint["partial"] = snapshot().as_dict()
+            save_atomic(checkpoint, output_dir / LAST_NAME)
+            checkpoint_clock.reset()
+
         train_stats = train_one_epoch(
-            model, bin_op, train_batches(epoch), optimizer, criterion,
+            model, bin_op, batches, optimizer, criterion,
             epoch=epoch, device=dist_info.device, num_batches=num_train_batches,
-            log_interval=log_interval, amp_dtype=amp_dtype,
+            log_interval=log_interval, amp_dtype=amp_dtype, partial=partial, on_step=save_within_epoch,
         )
+        extra_stats: Dict[str, Any] = {}
+        if holdout_batches is not None:
+            held = evaluate(model, bin_op, holdout_batches(), criterion,
+                            device=dist_info.device, topk=topk, amp_dtype=amp_dtype)
+            extra_stats = {key.replace("test_", "holdout_"): value for key, value in held.items()}
         test_stats = evaluate(model, bin_op, test_batches(), criterion,
                               device=dist_info.device, topk=topk, amp_dtype=amp_dtype)
         seconds = time.perf_counter() - start
@@ -298,7 +387,7 @@ def fit(
         improved = state.last_acc > state.best_acc
         state.best_acc = max(state.best_acc, state.last_acc)
         state.start_epoch = epoch + 1
-        record = {"epoch": epoch, "lr": lr, **train_stats, **test_stats,
+        record = {"epoch": epoch, "lr": lr, **train_stats, **extra_stats, **test_stats,
                   "best_acc": state.best_acc, "seconds": seconds}
         LOG.info(
             "epoch %d/%d lr %.2g train loss %.4f test loss %.4f test acc %.2f%% (best %.2f%%) %.1fs",
@@ -315,6 +404,8 @@ def fit(
                 save_atomic(checkpoint, output_dir / BEST_NAME)
             assert metrics is not None
             metrics.write(record)
+        if checkpoint_clock is not None:
+            checkpoint_clock.reset()
     return state
 
 

@@ -17,9 +17,24 @@ import torch
 import torch.nn as nn
 
 from .binop import LEGACY_GRAD_SCALE, BinOp
-from .cli import UserError, positive_int
+from .checkpoint import load_file, load_model_state, model_state_from, unwrap
+from .cli import UserError, non_negative_float, non_negative_int, positive_int
 from .distributed import DistInfo
-from .engine import Batch, RunState, check_output_dir, evaluate, fit, load_pretrained, lr_at_epoch, resume_run
+from .engine import (
+    Batch,
+    CheckpointClock,
+    RunState,
+    check_output_dir,
+    cosine_lr_at_epoch,
+    evaluate,
+    fit,
+    load_pretrained,
+    lr_at_epoch,
+    resume_run,
+)
+
+#: --amp values: the autocast dtype. On the CPU only bfloat16 has fast kernels.
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 LOG = logging.getLogger("xnornet")
 
@@ -53,15 +68,36 @@ def add_common_args(
     group.add_argument("--grad-scale", type=grad_scale_arg, default=LEGACY_GRAD_SCALE, metavar="S",
                        help="factor on the corrected weight gradient: '2017' = n*(1-1/C_in) per layer "
                             "(default), 1 = the pure formula (notes, eq. 9)")
+    group.add_argument("--lr-schedule", choices=("step", "cosine"), default="step",
+                       help="step = the recipe's 2017 steps (lr x0.1 at its milestones); cosine = cosine decay "
+                            "over --epochs, one value per epoch (default: step)")
     group.add_argument("--seed", type=int, default=1, metavar="S", help="random seed (default: 1)")
     group.add_argument("--log-interval", "--print-freq", "-p", type=positive_int, default=100, metavar="N",
                        help="batches between progress lines (default: 100)")
+    group = parser.add_argument_group("precision and memory layout")
+    group.add_argument("--amp", nargs="?", const="bf16", default=None, choices=sorted(AMP_DTYPES),
+                       help="autocast the convolutions and linear layers: bf16 (what a bare --amp means; on the "
+                            "CPU through oneDNN's bfloat16 kernels) or fp16 (CUDA only, no loss scaling). "
+                            "Weights, BinOp's real weights, gradients and the optimizer stay float32 "
+                            "(default: off, float32)")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="channels_last memory format for the model and images (default: on with CUDA or "
+                            "--amp, off otherwise)")
     group = parser.add_argument_group("checkpoints")
     group.add_argument("--output-dir", type=Path, default=None, metavar="DIR",
                        help="where last.pth, best.pth and log.jsonl go (default: runs/<arch>-<time> "
                             "beside main.py; with --resume, the checkpoint's folder)")
     group.add_argument("--resume", default=None, metavar="PATH",
-                       help="continue training from a last.pth/best.pth at its next epoch")
+                       help="continue training from a last.pth/best.pth where it stopped (at the step "
+                            "reached, for a last.pth written inside an epoch)")
+    group.add_argument("--checkpoint-minutes", type=non_negative_float, default=10.0, metavar="M",
+                       help="also write last.pth inside an epoch every M minutes, so that an interrupted run "
+                            "loses at most M minutes; 0 = only at the end of each epoch (default: 10)")
+    group.add_argument("--checkpoint-steps", type=non_negative_int, default=0, metavar="N",
+                       help="also write last.pth inside an epoch every N training steps; 0 = off (default: 0)")
+    group.add_argument("--init-from", default=None, metavar="PATH",
+                       help="start training from the weights of a checkpoint of any variant of the same "
+                            "network (for example the float NIN for the XNOR NIN); the optimizer starts fresh")
     group.add_argument("--pretrained", default=None, metavar="PATH",
                        help="start from (or, with --evaluate, test) the weights of a checkpoint; "
                             "2017-format files are accepted")
@@ -70,6 +106,17 @@ def add_common_args(
     group.add_argument("--packed", action="store_true",
                        help="with --evaluate: run the binarized layers through the bit-packed XNOR-popcount "
                             "engine on the CPU (xnornet.packed) instead of the float simulation")
+
+
+def precision(args: argparse.Namespace, device: torch.device) -> tuple:
+    """``(amp_dtype or None, memory_format)`` from ``--amp`` and ``--channels-last``."""
+    amp_dtype = AMP_DTYPES[args.amp] if getattr(args, "amp", None) else None
+    if amp_dtype is torch.float16 and device.type != "cuda":
+        raise UserError("--amp fp16 needs CUDA: on the CPU use --amp bf16")
+    channels_last = getattr(args, "channels_last", None)
+    if channels_last is None:
+        channels_last = device.type == "cuda" or amp_dtype is not None
+    return amp_dtype, (torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def resolve_output_dir(args: argparse.Namespace, recipe_dir: Path) -> Path:
@@ -95,17 +142,22 @@ def run_recipe(
     train_model: Optional[nn.Module] = None,
     start_epoch: Optional[int] = None,
     lr_for_epoch: Optional[Callable[[int], float]] = None,
+    holdout_batches: Optional[Callable[[], Iterable[Batch]]] = None,
 ) -> Dict[str, Any]:
     """Evaluate (``--evaluate``) or train with checkpoints, resume and JSON logs.
 
     ``model`` is the bare network; ``train_model`` an optional wrapper of it
     (DistributedDataParallel) used for the training forward pass.
     ``start_epoch`` (1-based) overrides the epoch to train first, e.g. after ``--resume``.
-    ``lr_for_epoch`` replaces the step schedule (lr / 10 at each of ``milestones``).
+    ``lr_for_epoch`` replaces the step schedule (lr / 10 at each of ``milestones``);
+    ``--lr-schedule cosine`` replaces both.
+    ``holdout_batches`` (held-out training images) are evaluated after every epoch.
     Returns the final metrics (evaluation results, or the last epoch's state).
     """
     if args.resume and args.pretrained:
         raise UserError("--resume and --pretrained exclude each other: --resume already restores the weights")
+    if getattr(args, "init_from", None) and (args.resume or args.pretrained or args.evaluate):
+        raise UserError("--init-from starts a new training run: it excludes --resume, --pretrained and --evaluate")
     if args.evaluate and not (args.pretrained or args.resume):
         raise UserError("--evaluate needs the model to test: pass --pretrained PATH (or --resume PATH)")
     if getattr(args, "packed", False) and not args.evaluate:
@@ -118,10 +170,16 @@ def run_recipe(
     state = RunState()
     if args.resume:
         state = resume_run(args.resume, model, optimizer, args.arch)
-        LOG.info("resumed %s at epoch %d (best %.2f%%)", args.resume, state.start_epoch, state.best_acc)
+        if not args.evaluate:
+            within = f", step {state.partial.step}" if state.partial is not None else ""
+            LOG.info("resuming %s at epoch %d%s (best %.2f%%)", args.resume, state.start_epoch, within, state.best_acc)
     elif args.pretrained:
         claimed = load_pretrained(args.pretrained, model, args.arch)
         LOG.info("loaded %s%s", args.pretrained, "" if claimed is None else f" (it claims {claimed:.2f}%)")
+    elif getattr(args, "init_from", None):
+        source = load_file(args.init_from, "--init-from checkpoint")
+        load_model_state(unwrap(model), model_state_from(source), f"--init-from checkpoint {args.init_from!r}")
+        LOG.info("initialized from %s (trained as %s)", args.init_from, source.get("arch", "an unnamed arch"))
     if start_epoch is not None:
         state.start_epoch = start_epoch
         LOG.info("starting at epoch %d (--start-epoch)", start_epoch)
@@ -143,6 +201,14 @@ def run_recipe(
     if state.start_epoch > args.epochs:
         raise UserError(f"the checkpoint already finished epoch {state.start_epoch - 1} of --epochs {args.epochs}; "
                         "raise --epochs to train further")
+    if getattr(args, "lr_schedule", "step") == "cosine":
+        def schedule(epoch: int) -> float:
+            return cosine_lr_at_epoch(args.lr, epoch, args.epochs)
+    elif lr_for_epoch is not None:
+        schedule = lr_for_epoch
+    else:
+        def schedule(epoch: int) -> float:
+            return lr_at_epoch(args.lr, epoch, milestones)
     output_dir = resolve_output_dir(args, recipe_dir)
     check_output_dir(output_dir, resuming=bool(args.resume))
     if dist_info.is_main:
@@ -152,9 +218,11 @@ def run_recipe(
         model=train_model, bin_op=bin_op, optimizer=optimizer, criterion=criterion,
         train_batches=train_batches, num_train_batches=num_train_batches, test_batches=test_batches,
         epochs=args.epochs,
-        lr_for_epoch=lr_for_epoch or (lambda epoch: lr_at_epoch(args.lr, epoch, milestones)),
+        lr_for_epoch=schedule,
         state=state, output_dir=output_dir, arch=args.arch, args=vars(args), dist_info=dist_info,
-        log_interval=args.log_interval, topk=topk, amp_dtype=amp_dtype,
+        log_interval=args.log_interval, topk=topk, amp_dtype=amp_dtype, holdout_batches=holdout_batches,
+        checkpoint_clock=CheckpointClock(steps=getattr(args, "checkpoint_steps", 0),
+                                         minutes=getattr(args, "checkpoint_minutes", 0.0)),
     )
     LOG.info("done: last %.2f%%, best %.2f%% (checkpoints in %s)", state.last_acc, state.best_acc, output_dir)
     return {"best_acc": state.best_acc, "last_acc": state.last_acc, "output_dir": str(output_dir)}
