@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 LOG = logging.getLogger("xnornet")
 
@@ -16,7 +16,38 @@ class UserError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line on stderr (exit 2), no usage dump."""
+    """argparse that reports a bad flag as one line on stderr (exit 2), no usage dump,
+    and knows named presets (``--recipe NAME``): sets of defaults that flags given on the
+    command line still override."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.presets: Dict[str, Dict[str, Any]] = {}
+        self.default_preset: Optional[str] = None
+
+    def add_presets(self, presets: Mapping[str, Mapping[str, Any]], default: str, descriptions: Mapping[str, str]) -> None:
+        """Add ``--recipe`` choosing one of ``presets`` (dest -> value, already typed)."""
+        self.presets = {name: dict(values) for name, values in presets.items()}
+        self.default_preset = default
+        lines = "; ".join(f"{name}: {descriptions[name]}" for name in presets)
+        self.add_argument("--recipe", choices=list(presets), default=default, metavar="NAME",
+                          help=f"a named set of defaults, which flags given here still override ({lines}) "
+                               f"(default: {default})")
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> Tuple[Any, List[str]]:
+        if self.presets:
+            argv = list(sys.argv[1:] if args is None else args)
+            name = self.default_preset
+            for index, item in enumerate(argv):
+                if item == "--recipe" and index + 1 < len(argv):
+                    name = argv[index + 1]
+                elif item.startswith("--recipe="):
+                    name = item.split("=", 1)[1]
+            if name in self.presets:  # an unknown name is reported by --recipe's choices
+                # Values already in the namespace are kept by argparse unless a flag sets them.
+                namespace = argparse.Namespace(**self.presets[name]) if namespace is None else namespace
+            args = argv
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
