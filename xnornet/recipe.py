@@ -80,6 +80,8 @@ def add_common_args(
                             "CPU through oneDNN's bfloat16 kernels) or fp16 (CUDA only, no loss scaling). "
                             "Weights, BinOp's real weights, gradients and the optimizer stay float32 "
                             "(default: off, float32)")
+    group.add_argument("--no-amp", dest="amp", action="store_const", const=None,
+                       help="float32 throughout, also where a --recipe preset turns --amp on")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="channels_last memory format for the model and images (default: on with CUDA or "
                             "--amp, off otherwise)")
