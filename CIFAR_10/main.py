@@ -23,11 +23,22 @@ from xnornet.cache import CACHE_ENV, check_outside, resolve_cache_dir
 from xnornet.cli import ArgumentParser, non_negative_int, positive_int, run_cli, setup_logging
 from xnornet.distributed import init_distributed
 from xnornet.engine import epoch_seed, iterate_tensors
-from xnornet.recipe import add_common_args, precision, run_recipe
+from xnornet.recipe import add_common_args, precision, restore_run_args, run_recipe
 
 RECIPE_DIR = Path(__file__).resolve().parent
 LOG = logging.getLogger("xnornet")
 MILESTONES = (120, 200, 240, 280)
+
+#: --recipe presets (flags given on the command line override them).
+PRESETS = {
+    "2017": {},
+    "cpu": {"amp": "bf16", "crop_flip": True, "holdout": 5000, "lr_schedule": "cosine", "epochs": 50},
+}
+PRESET_DESCRIPTIONS = {
+    "2017": "the 2017 recipe: GCN+ZCA, no augmentation, 319 epochs, lr x0.1 at 120, 200, 240, 280",
+    "cpu": "GCN+ZCA with crop+flip, cosine decay over 50 epochs, bfloat16 autocast, the last 5,000 training "
+           "images held out (about 4.5 h on 2 CPU cores)",
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -68,10 +79,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--cpu", "--no-cuda", dest="cpu", action="store_true",
                        help="run on the CPU even if CUDA is available")
     add_common_args(parser, epochs=319, lr=0.01, weight_decay=1e-5, batch_size=128)
+    parser.add_presets(PRESETS, default="2017", descriptions=PRESET_DESCRIPTIONS)
     return parser
 
 
 def main(args: argparse.Namespace) -> dict:
+    args = restore_run_args(args)  # --resume continues the run's own recipe
     torch.manual_seed(args.seed)
     use_cuda = torch.cuda.is_available() and not args.cpu
     dist_info = init_distributed(use_cuda=use_cuda)
@@ -127,6 +140,7 @@ def main(args: argparse.Namespace) -> dict:
         recipe_dir=RECIPE_DIR,
         amp_dtype=amp_dtype,
         holdout_batches=holdout_batches if args.holdout else None,
+        build_model=build_model,
     )
 
 

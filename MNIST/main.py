@@ -21,7 +21,7 @@ from xnornet.augment import random_crop_flip
 from xnornet.cli import ArgumentParser, UserError, non_negative_int, positive_int, run_cli, setup_logging
 from xnornet.distributed import init_distributed
 from xnornet.engine import epoch_seed, iterate_tensors
-from xnornet.recipe import add_common_args, precision, run_recipe
+from xnornet.recipe import add_common_args, precision, restore_run_args, run_recipe
 
 RECIPE_DIR = Path(__file__).resolve().parent
 LOG = logging.getLogger("xnornet")
@@ -65,6 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
+    args = restore_run_args(args)  # --resume continues the run's own recipe
     torch.manual_seed(args.seed)
     dist_info = init_distributed(use_cuda=torch.cuda.is_available() and not args.no_cuda)
     if args.download:

@@ -92,7 +92,7 @@ def test_seed_protocol_bin_layout(data, tmp_path):
 
     message = main_error("--data", data["root"] / "bin", "--cache-dir", data["cache"], "--arch", "nin_float",
                          "--epochs", "3", "--resume", out / "last.pth")
-    assert "is for --arch nin, not nin_float" in message
+    assert "--arch nin_float (the run has nin)" in message
 
 
 def test_standard_protocol_py_layout_train_evaluate_resume(data, tmp_path):
@@ -166,6 +166,25 @@ def test_resume_inside_an_epoch_is_bit_identical(data, tmp_path, monkeypatch, pr
     assert [r["epoch"] for r in records_b] == [1, 2, 3]  # epoch 2 logged once, by the resumed run
     assert records_a == records_b
     assert "holdout_acc" in records_b[0] and records_b[0]["holdout_count"] == 8
+
+
+def test_xnor_from_the_float_network_with_distillation(data, tmp_path):
+    """--init-from copies the float NIN's weights into the XNOR NIN; --distill-from changes the
+    training loss (not the test loss, which stays the cross-entropy)."""
+    teacher_dir, plain, distilled = tmp_path / "float", tmp_path / "plain", tmp_path / "distilled"
+    common = ("--data", data["root"] / "bin", "--cache-dir", data["cache"], *FAST, "--epochs", "1")
+    run_in_process("--arch", "nin_float", "--output-dir", teacher_dir, *common)
+    teacher = teacher_dir / "last.pth"
+    run_in_process("--init-from", teacher, "--output-dir", plain, *common)
+    run_in_process("--init-from", teacher, "--distill-from", teacher, "--distill-weight", "1",
+                   "--output-dir", distilled, *common)
+    a, b = log_records(plain)[-1], log_records(distilled)[-1]
+    assert a["train_loss"] != b["train_loss"]
+    assert log_records(distilled)[0]["args"]["distill_from"] == str(teacher)
+
+    assert "--evaluate" in main_error("--evaluate", "--pretrained", teacher, "--arch", "nin_float",
+                                      "--distill-from", teacher, *common)
+    assert "--init-from" in main_error("--init-from", teacher, "--resume", plain / "last.pth", *common)
 
 
 def test_2017_arrays_npy_layout(data, tmp_path, capsys):

@@ -32,3 +32,69 @@ def test_cosine_schedule_decays_from_the_base_rate_and_never_reaches_zero() -> N
     assert lrs[0] == pytest.approx(0.01, rel=1e-12)
     assert lrs[30] == pytest.approx(0.005, rel=1e-12)  # epoch 31: half way
     assert all(a > b for a, b in zip(lrs, lrs[1:])) and 0 < lrs[-1] < 1e-5
+
+
+def test_checkpoint_clock_fires_by_steps_and_by_minutes() -> None:
+    """Within-epoch checkpoints: every N steps, or once M minutes have passed since the last one."""
+    from xnornet.engine import CheckpointClock
+
+    now = [0.0]
+    by_steps = CheckpointClock(steps=3, clock=lambda: now[0])
+    assert [step for step in range(1, 10) if by_steps.due(step)] == [3, 6, 9]
+    by_time = CheckpointClock(minutes=2, clock=lambda: now[0])
+    now[0] = 119.0
+    assert not by_time.due(1)
+    now[0] = 120.0
+    assert by_time.due(2)
+    by_time.reset()
+    now[0] = 200.0
+    assert not by_time.due(3)
+    off = CheckpointClock(clock=lambda: now[0])
+    now[0] = 1e9
+    assert not any(off.due(step) for step in range(1, 100))
+
+
+def test_presets_set_defaults_that_flags_override() -> None:
+    """--recipe NAME: the preset's values unless a flag on the command line says otherwise."""
+    from xnornet.cli import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--shift", type=int, default=0)
+    parser.add_presets({"2017": {}, "fast": {"shift": 2, "epochs": 25}}, default="2017",
+                       descriptions={"2017": "as 2017", "fast": "short"})
+    assert vars(parser.parse_args([])) == {"epochs": 60, "shift": 0, "recipe": "2017"}
+    assert vars(parser.parse_args(["--recipe", "fast"])) == {"epochs": 25, "shift": 2, "recipe": "fast"}
+    assert vars(parser.parse_args(["--recipe=fast", "--epochs", "3"])) == {"epochs": 3, "shift": 2, "recipe": "fast"}
+    assert vars(parser.parse_args(["--shift", "1", "--recipe", "fast"])) == {"epochs": 25, "shift": 1, "recipe": "fast"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--recipe", "nope"])
+
+
+def test_precise_batchnorm_averages_the_batch_statistics_with_equal_weights() -> None:
+    """recalibrate_batchnorm: running mean = mean of the batch means, running var = mean of the
+    (unbiased) batch variances, over exactly ``steps`` batches; momentum and weights untouched."""
+    import torch
+    import torch.nn as nn
+
+    from xnornet import BinConv2d, BinOp
+    from xnornet.engine import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(2), BinConv2d(2, 3, kernel_size=1, stride=1, padding=0))
+    bin_op = BinOp(model)
+    with bin_op.binarized():  # BinOp keeps the centred weights (eq. 8) from the first pass on
+        pass
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    batches = [(torch.randn(8, 2, 3, 3) * (i + 1) + i, torch.zeros(8)) for i in range(4)]
+    used = recalibrate_batchnorm(model, bin_op, iter(batches), steps=3, device=torch.device("cpu"))
+    assert used == 3
+    first = model[0]
+    seen = [b[0] for b in batches[:3]]
+    means = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen])
+    variances = torch.stack([x.transpose(0, 1).reshape(2, -1).var(dim=1, correction=1) for x in seen])
+    torch.testing.assert_close(first.running_mean, means.mean(dim=0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(first.running_var, variances.mean(dim=0), rtol=1e-5, atol=1e-6)
+    assert first.momentum == 0.1 and model[1].bn.momentum == 0.1
+    for key, value in weights.items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-7)  # nothing trained

@@ -110,9 +110,15 @@ def test_resume_is_bit_identical_with_shifts_and_cosine(mnist_root, tmp_path):
     assert unshifted.returncode == 0, unshifted.stderr
     one_epoch = [torch.load(tmp_path / run / "last.pth", weights_only=True)["state_dict"] for run in ("b", "c")]
     assert not torch.equal(one_epoch[0]["conv1.weight"], one_epoch[1]["conv1.weight"])  # --shift is applied
-    resumed = run_script(SCRIPT, ["--data", mnist_root, "--epochs", "2", "--resume", tmp_path / "b" / "last.pth",
-                                  *ours])
+    conflicting = run_script(SCRIPT, ["--data", mnist_root, "--epochs", "2", "--resume",
+                                      tmp_path / "b" / "last.pth", "--shift", "1"])
+    assert_one_line_error(conflicting, "--shift 1 (the run has 2)")
+    # Only --epochs given again: the run's own shifts, schedule and batch size are restored.
+    resumed = run_script(SCRIPT, ["--data", mnist_root, "--epochs", "2", "--resume", tmp_path / "b" / "last.pth"])
     assert resumed.returncode == 0, resumed.stderr
+    second_header = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()][2]
+    assert second_header["event"] == "start" and second_header["args"]["shift"] == 2
+    assert second_header["args"]["lr_schedule"] == "cosine" and second_header["args"]["batch_size"] == 32
     a = torch.load(tmp_path / "a" / "last.pth", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pth", weights_only=True)
     assert all(torch.equal(value, b["state_dict"][key]) for key, value in a["state_dict"].items())

@@ -15,10 +15,21 @@ class UserError(Exception):
     """Bad input (missing data, corrupt checkpoint, wrong flag): reported as one line, exit 1."""
 
 
+class ParsedArgs(argparse.Namespace):
+    """The parsed flags, plus ``given``: the dests of the flags written on the command line
+    (a slot, so that ``vars(args)``, which logs and checkpoints record, does not hold it)."""
+
+    __slots__ = ("given",)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.given: frozenset = frozenset()
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line on stderr (exit 2), no usage dump,
-    and knows named presets (``--recipe NAME``): sets of defaults that flags given on the
-    command line still override."""
+    knows named presets (``--recipe NAME``: sets of defaults that flags given on the
+    command line still override) and records which flags were given (:class:`ParsedArgs`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -35,19 +46,38 @@ class ArgumentParser(argparse.ArgumentParser):
                                f"(default: {default})")
 
     def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> Tuple[Any, List[str]]:
-        if self.presets:
-            argv = list(sys.argv[1:] if args is None else args)
+        argv = list(sys.argv[1:] if args is None else args)
+        if namespace is None:
             name = self.default_preset
             for index, item in enumerate(argv):
                 if item == "--recipe" and index + 1 < len(argv):
                     name = argv[index + 1]
                 elif item.startswith("--recipe="):
                     name = item.split("=", 1)[1]
-            if name in self.presets:  # an unknown name is reported by --recipe's choices
-                # Values already in the namespace are kept by argparse unless a flag sets them.
-                namespace = argparse.Namespace(**self.presets[name]) if namespace is None else namespace
-            args = argv
-        return super().parse_known_args(args, namespace)
+            # Values already in the namespace are kept by argparse unless a flag sets them;
+            # an unknown preset name is reported by --recipe's choices.
+            namespace = ParsedArgs(**self.presets.get(name, {}) if name else {})
+        parsed, extras = super().parse_known_args(argv, namespace)
+        if isinstance(parsed, ParsedArgs):
+            parsed.given = frozenset(self._given_dests(argv))
+        return parsed, extras
+
+    def _given_dests(self, argv: Sequence[str]) -> List[str]:
+        """The dests of the optional flags in ``argv`` (exact or unambiguous prefix spellings)."""
+        dests = []
+        for item in argv:
+            if item == "--":
+                break
+            if not item.startswith("-") or item == "-":
+                continue
+            option = item.split("=", 1)[0]
+            action = self._option_string_actions.get(option)
+            if action is None and option.startswith("--"):
+                matches = {a for o, a in self._option_string_actions.items() if o.startswith(option)}
+                action = matches.pop() if len(matches) == 1 else None
+            if action is not None:
+                dests.append(action.dest)
+        return dests
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -91,6 +121,17 @@ def non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
 
 

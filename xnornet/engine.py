@@ -8,6 +8,7 @@ JSON line per epoch to ``log.jsonl`` in the output directory.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import sys
@@ -87,6 +88,16 @@ def progress(batches: Iterable[Batch], total: int, desc: str) -> Iterable[Batch]
     return batches
 
 
+def format_seconds(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``42s``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
 def topk_correct(output: torch.Tensor, target: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
     """How many rows of ``output`` have ``target`` among their top-k, for each k (a tensor)."""
     maxk = min(max(ks), output.size(1))
@@ -109,6 +120,7 @@ def train_one_epoch(
     amp_dtype: Optional[torch.dtype] = None,
     partial: Optional[EpochProgress] = None,
     on_step: Optional[Callable[[int, Callable[[], EpochProgress]], None]] = None,
+    log_seconds: float = 30.0,
 ) -> Dict[str, float]:
     """One epoch of the XNOR-Net step: binarize, forward, backward, restore, fix grads, step.
 
@@ -117,7 +129,9 @@ def train_one_epoch(
     ``on_step(step, snapshot)`` is called after every step but the last; ``snapshot()``
     returns the :class:`EpochProgress` so far (it reads the running sums, so call it only
     when checkpointing).
-    Raises :class:`NonFiniteLoss` (checked every ``log_interval`` steps and at the end).
+    Progress (loss, steps/s, the epoch's ETA) is logged every ``log_interval`` steps and at
+    least every ``log_seconds`` seconds.
+    Raises :class:`NonFiniteLoss` (checked whenever progress is logged, and at the end).
     """
     model.train()
     done = partial if partial is not None else EpochProgress()
@@ -125,6 +139,7 @@ def train_one_epoch(
     correct = torch.tensor(done.correct, device=device, dtype=torch.int64)
     seen = done.seen
     start = time.perf_counter() - done.seconds
+    resumed_at, last_log = time.perf_counter(), time.perf_counter()
     bar = progress(batches, num_batches - done.step, f"epoch {epoch}")
     for step, (images, targets) in enumerate(bar, start=done.step):
         images = images.to(device, non_blocking=True)
@@ -141,17 +156,21 @@ def train_one_epoch(
         loss_sum += loss.detach().double() * targets.size(0)
         correct += (output.detach().argmax(dim=1) == targets).sum()
         seen += targets.size(0)
-        if (step + 1) % log_interval == 0 or step + 1 == num_batches:
+        now = time.perf_counter()
+        if (step + 1) % log_interval == 0 or step + 1 == num_batches or now - last_log >= log_seconds:
+            last_log = now
             mean_loss = (loss_sum / seen).item()
             if not math.isfinite(mean_loss):
                 raise NonFiniteLoss(
                     f"training loss became {mean_loss} in epoch {epoch} by step {step + 1}; "
                     "stopped without saving (earlier checkpoints are kept): lower --lr or check the data"
                 )
+            rate = (step + 1 - done.step) / max(now - resumed_at, 1e-9)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
             else:
-                LOG.info("train epoch %d [%d/%d] loss %.6f", epoch, step + 1, num_batches, mean_loss)
+                LOG.info("train epoch %d [%d/%d] loss %.6f, %.2f steps/s, epoch ETA %s", epoch, step + 1,
+                         num_batches, mean_loss, rate, format_seconds((num_batches - step - 1) / rate))
         if on_step is not None and step + 1 < num_batches:
             on_step(step + 1, lambda steps=step + 1, seen=seen: EpochProgress(
                 step=steps, loss_sum=loss_sum.item(), correct=int(correct.item()),
@@ -166,6 +185,55 @@ def train_one_epoch(
         "train_acc": 100.0 * correct.item() / seen,
         "train_seconds": time.perf_counter() - start,
     }
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module,
+    bin_op: BinOp,
+    batches: Iterable[Batch],
+    *,
+    steps: int,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype] = None,
+    world_size: int = 1,
+) -> int:
+    """Precise BatchNorm: replace every running mean and variance by the plain average of the
+    batch statistics over the first ``steps`` of ``batches``; the weights do not change.
+
+    During training the running statistics are an exponential average (momentum 0.1: mostly
+    the last ten or so batches, taken while the weights still moved). In an XNOR network
+    they set the thresholds of the sign that follows, so their noise shows directly in the
+    test accuracy. The network runs binarized and in training mode (dropout on, as when the
+    statistics were gathered); with several processes the ranks' averages are averaged.
+    Returns the number of batches used.
+    """
+    layers = [module for module in model.modules()
+              if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats]
+    if not layers or steps <= 0:
+        return 0
+    momenta = [layer.momentum for layer in layers]
+    was_training = model.training
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # None: a cumulative average, every batch weighted equally
+    model.train()
+    used = 0
+    try:
+        with bin_op.binarized():
+            for images, _ in itertools.islice(batches, steps):
+                with autocast(device, amp_dtype):
+                    model(images.to(device, non_blocking=True))
+                used += 1
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        model.train(was_training)
+    if world_size > 1:
+        for layer in layers:
+            for buffer in (layer.running_mean, layer.running_var):
+                buffer.copy_(all_reduce_sum(buffer) / world_size)
+    return used
 
 
 @torch.no_grad()
@@ -327,6 +395,7 @@ def fit(
     amp_dtype: Optional[torch.dtype] = None,
     holdout_batches: Optional[Callable[[], Iterable[Batch]]] = None,
     checkpoint_clock: Optional[CheckpointClock] = None,
+    precise_bn_steps: int = 0,
 ) -> RunState:
     """Train epochs ``state.start_epoch .. epochs``; checkpoint and log after each one.
 
@@ -336,6 +405,8 @@ def fit(
     running sums and the RNG states), from which a resumed run continues at that step.
     ``holdout_batches``, when given, is evaluated after each epoch as ``holdout_*`` metrics
     (held-out training images, for choosing a recipe without the test set).
+    ``precise_bn_steps`` > 0 recomputes the BatchNorm statistics on that many batches of
+    ``train_batches(epoch)`` after each epoch's training, before testing and checkpointing.
     """
     metrics = MetricsLog(output_dir / "log.jsonl") if dist_info.is_main else None
     if metrics is not None:
@@ -375,6 +446,9 @@ def fit(
             epoch=epoch, device=dist_info.device, num_batches=num_train_batches,
             log_interval=log_interval, amp_dtype=amp_dtype, partial=partial, on_step=save_within_epoch,
         )
+        if precise_bn_steps > 0:
+            recalibrate_batchnorm(model, bin_op, train_batches(epoch), steps=precise_bn_steps,
+                                  device=dist_info.device, amp_dtype=amp_dtype, world_size=dist_info.world_size)
         extra_stats: Dict[str, Any] = {}
         if holdout_batches is not None:
             held = evaluate(model, bin_op, holdout_batches(), criterion,
@@ -389,10 +463,11 @@ def fit(
         state.start_epoch = epoch + 1
         record = {"epoch": epoch, "lr": lr, **train_stats, **extra_stats, **test_stats,
                   "best_acc": state.best_acc, "seconds": seconds}
+        held_text = f" holdout acc {extra_stats['holdout_acc']:.2f}%" if "holdout_acc" in extra_stats else ""
         LOG.info(
-            "epoch %d/%d lr %.2g train loss %.4f test loss %.4f test acc %.2f%% (best %.2f%%) %.1fs",
-            epoch, epochs, lr, train_stats["train_loss"], test_stats["test_loss"],
-            state.last_acc, state.best_acc, seconds,
+            "epoch %d/%d lr %.2g train loss %.4f%s test loss %.4f test acc %.2f%% (best %.2f%%) %.1fs, run ETA %s",
+            epoch, epochs, lr, train_stats["train_loss"], held_text, test_stats["test_loss"],
+            state.last_acc, state.best_acc, seconds, format_seconds(seconds * (epochs - epoch)),
         )
         if dist_info.is_main:
             checkpoint = training_checkpoint(

@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from .binop import LEGACY_GRAD_SCALE, BinOp
 from .checkpoint import load_file, load_model_state, model_state_from, unwrap
-from .cli import UserError, non_negative_float, non_negative_int, positive_int
+from .cli import UserError, non_negative_float, non_negative_int, positive_float, positive_int, unit_interval
+from .distill import DistillationLoss
 from .distributed import DistInfo
 from .engine import (
     Batch,
@@ -71,6 +72,10 @@ def add_common_args(
     group.add_argument("--lr-schedule", choices=("step", "cosine"), default="step",
                        help="step = the recipe's 2017 steps (lr x0.1 at its milestones); cosine = cosine decay "
                             "over --epochs, one value per epoch (default: step)")
+    group.add_argument("--precise-bn", type=non_negative_int, default=0, metavar="N",
+                       help="after each epoch, recompute every BatchNorm's running mean and variance as the plain "
+                            "average over N training batches (the weights unchanged) before testing; 0 = keep "
+                            "the running averages of training, as 2017 (default: 0)")
     group.add_argument("--seed", type=int, default=1, metavar="S", help="random seed (default: 1)")
     group.add_argument("--log-interval", "--print-freq", "-p", type=positive_int, default=100, metavar="N",
                        help="batches between progress lines (default: 100)")
@@ -97,6 +102,13 @@ def add_common_args(
                             "loses at most M minutes; 0 = only at the end of each epoch (default: 10)")
     group.add_argument("--checkpoint-steps", type=non_negative_int, default=0, metavar="N",
                        help="also write last.pth inside an epoch every N training steps; 0 = off (default: 0)")
+    group.add_argument("--distill-from", default=None, metavar="PATH",
+                       help="train with knowledge distillation from the network of this checkpoint (for example "
+                            "the float NIN, with its arch recorded in the file) run on every training batch")
+    group.add_argument("--distill-weight", type=unit_interval, default=0.5, metavar="W",
+                       help="loss = (1 - W) cross-entropy + W T^2 KL(teacher || student) (default: 0.5)")
+    group.add_argument("--distill-temperature", type=positive_float, default=1.0, metavar="T",
+                       help="softmax temperature of the distillation term (default: 1)")
     group.add_argument("--init-from", default=None, metavar="PATH",
                        help="start training from the weights of a checkpoint of any variant of the same "
                             "network (for example the float NIN for the XNOR NIN); the optimizer starts fresh")
@@ -110,6 +122,54 @@ def add_common_args(
                             "engine on the CPU (xnornet.packed) instead of the float simulation")
 
 
+#: Flags that a resumed run may change: where things are, how much to log, when to stop, and
+#: the base learning rate (a hand-made change of schedule, as the 2017 users made by resuming).
+CHANGEABLE_ON_RESUME = frozenset({
+    "epochs", "lr", "data", "data_format", "download", "cache_dir", "workers", "output_dir", "log_interval",
+    "checkpoint_minutes", "checkpoint_steps", "test_batch_size", "cpu", "no_cuda", "evaluate", "packed",
+})
+#: Flags never taken from the checkpoint: they name this invocation, not the run.
+NOT_RESTORED = frozenset({"resume", "pretrained", "init_from", "evaluate", "packed", "output_dir", "data",
+                          "download", "data_layout"})
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def restore_run_args(args: argparse.Namespace) -> argparse.Namespace:
+    """With ``--resume``: the run's own arguments, from its checkpoint.
+
+    Every flag not given on this command line takes the value the run was started with
+    (so a resumed run continues the same recipe); a flag given again must agree, unless it
+    is one of :data:`CHANGEABLE_ON_RESUME` (``--epochs`` to extend a run, ``--data`` for a
+    moved dataset, ...). Call it first in ``main``, before any data is loaded.
+    """
+    if not getattr(args, "resume", None):
+        return args
+    saved = load_file(args.resume, "--resume checkpoint").get("args")
+    if not isinstance(saved, dict):
+        return args  # a checkpoint without recorded arguments: the command line is all there is
+    given = getattr(args, "given", frozenset(vars(args)))
+    current = vars(args)
+    conflicts = []
+    for key, value in saved.items():
+        if key not in current or key in NOT_RESTORED:
+            continue
+        if key in given:
+            if key not in CHANGEABLE_ON_RESUME and _comparable(current[key]) != _comparable(value):
+                conflicts.append(f"--{key.replace('_', '-')} {_comparable(current[key])} (the run has {value})")
+        else:
+            restored = Path(value) if isinstance(current[key], Path) and value is not None else value
+            setattr(args, key, restored)
+    if conflicts:
+        raise UserError(f"--resume {args.resume}: flags differ from the run's own: {'; '.join(conflicts)}; "
+                        "leave them out to continue the run as it was started")
+    return args
+
+
 def precision(args: argparse.Namespace, device: torch.device) -> tuple:
     """``(amp_dtype or None, memory_format)`` from ``--amp`` and ``--channels-last``."""
     amp_dtype = AMP_DTYPES[args.amp] if getattr(args, "amp", None) else None
@@ -119,6 +179,32 @@ def precision(args: argparse.Namespace, device: torch.device) -> tuple:
     if channels_last is None:
         channels_last = device.type == "cuda" or amp_dtype is not None
     return amp_dtype, (torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def distillation_loss(
+    args: argparse.Namespace, model: nn.Module, build_model: Optional[Callable[[str], nn.Module]]
+) -> DistillationLoss:
+    """The --distill-from teacher, loaded and attached to ``model``."""
+    if build_model is None:
+        raise UserError("this recipe does not support --distill-from")
+    source = load_file(args.distill_from, "--distill-from checkpoint")
+    teacher_arch = source.get("arch")
+    if not isinstance(teacher_arch, str):
+        raise UserError(f"--distill-from checkpoint {args.distill_from!r} does not record its arch")
+    try:
+        teacher = build_model(teacher_arch)
+    except KeyError:
+        raise UserError(f"--distill-from checkpoint {args.distill_from!r} is a {teacher_arch}, "
+                        "which this recipe does not build") from None
+    load_model_state(teacher, model_state_from(source), f"--distill-from checkpoint {args.distill_from!r}")
+    device = next(unwrap(model).parameters()).device
+    _, memory_format = precision(args, device)
+    teacher = teacher.to(device, memory_format=memory_format)
+    loss = DistillationLoss(teacher, weight=args.distill_weight, temperature=args.distill_temperature)
+    loss.attach(unwrap(model))
+    LOG.info("distilling from %s (%s), weight %g, temperature %g", args.distill_from, teacher_arch,
+             args.distill_weight, args.distill_temperature)
+    return loss
 
 
 def resolve_output_dir(args: argparse.Namespace, recipe_dir: Path) -> Path:
@@ -145,6 +231,7 @@ def run_recipe(
     start_epoch: Optional[int] = None,
     lr_for_epoch: Optional[Callable[[int], float]] = None,
     holdout_batches: Optional[Callable[[], Iterable[Batch]]] = None,
+    build_model: Optional[Callable[[str], nn.Module]] = None,
 ) -> Dict[str, Any]:
     """Evaluate (``--evaluate``) or train with checkpoints, resume and JSON logs.
 
@@ -154,6 +241,7 @@ def run_recipe(
     ``lr_for_epoch`` replaces the step schedule (lr / 10 at each of ``milestones``);
     ``--lr-schedule cosine`` replaces both.
     ``holdout_batches`` (held-out training images) are evaluated after every epoch.
+    ``build_model(arch)`` builds the teacher of ``--distill-from`` (on the model's device).
     Returns the final metrics (evaluation results, or the last epoch's state).
     """
     if args.resume and args.pretrained:
@@ -164,9 +252,13 @@ def run_recipe(
         raise UserError("--evaluate needs the model to test: pass --pretrained PATH (or --resume PATH)")
     if getattr(args, "packed", False) and not args.evaluate:
         raise UserError("--packed needs --evaluate: the packed engine is inference-only")
+    if getattr(args, "distill_from", None) and args.evaluate:
+        raise UserError("--distill-from is for training: it has no effect with --evaluate")
     train_model = train_model if train_model is not None else model
     bin_op = BinOp(train_model, grad_scale=args.grad_scale, grad_multiplier=getattr(args, "grad_multiplier", 1.0))
-    criterion = nn.CrossEntropyLoss()
+    criterion: nn.Module = nn.CrossEntropyLoss()
+    if getattr(args, "distill_from", None) and not args.evaluate:
+        criterion = distillation_loss(args, model, build_model)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
     state = RunState()
@@ -225,6 +317,7 @@ def run_recipe(
         log_interval=args.log_interval, topk=topk, amp_dtype=amp_dtype, holdout_batches=holdout_batches,
         checkpoint_clock=CheckpointClock(steps=getattr(args, "checkpoint_steps", 0),
                                          minutes=getattr(args, "checkpoint_minutes", 0.0)),
+        precise_bn_steps=getattr(args, "precise_bn", 0),
     )
     LOG.info("done: last %.2f%%, best %.2f%% (checkpoints in %s)", state.last_acc, state.best_acc, output_dir)
     return {"best_acc": state.best_acc, "last_acc": state.last_acc, "output_dir": str(output_dir)}
