@@ -13,17 +13,21 @@ One ``nn.Sequential`` named ``xnor``, so state_dict keys match the 2017 files
      7 block(192, 192, 1)                15 AvgPool2d(8)
 
 ``block`` is :class:`~xnornet.BinConv2d` (XNOR), :class:`~xnornet.FloatConv2d`
-(float counterpart, same keys) or a BinConv2d variant.
+(float counterpart, same keys) or a BinConv2d variant. As in 2017, the scale of
+every affine BatchNorm (those of the blocks) is clamped to >= 0.01 at each
+forward pass.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Dict
 
 import torch
 import torch.nn as nn
 
 from xnornet import BinConv2d, ConvBlock, architectures
+from xnornet.layers import BN_SCALE_FLOOR
 
 #: The 2017 initialization: every Conv2d weight ~ N(0, INIT_STD), bias 0.
 INIT_STD = 0.05
@@ -39,6 +43,7 @@ class NIN(nn.Module):
     def __init__(self, block: Callable[..., ConvBlock] = BinConv2d, num_classes: int = 10) -> None:
         super().__init__()
         self.num_classes = num_classes
+        block = partial(block, bn_scale_floor=BN_SCALE_FLOOR)
         self.xnor = nn.Sequential(
             nn.Conv2d(3, 192, kernel_size=5, stride=1, padding=2),
             _bn(192),
@@ -60,7 +65,7 @@ class NIN(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The affine BatchNorms are those of the blocks, which clamp their own scale.
+        # The affine BatchNorms are those of the blocks, which clamp their own scale (bn_scale_floor).
         return self.xnor(x).reshape(x.size(0), self.num_classes)
 
 
@@ -80,3 +85,13 @@ ARCHITECTURES: Dict[str, Callable[[], nn.Module]] = architectures("nin", NIN)
 
 def build_model(arch: str) -> nn.Module:
     return ARCHITECTURES[arch]()
+
+
+#: One CIFAR-10 image (channels, height, width), as the network takes it.
+INPUT_SHAPE = (3, 32, 32)
+
+
+if __name__ == "__main__":  # python CIFAR_10/nin.py [--arch NAME]: the per-layer summary
+    from xnornet.summary import summary_cli
+
+    summary_cli(ARCHITECTURES, INPUT_SHAPE, default="nin")

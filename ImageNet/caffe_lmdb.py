@@ -2,10 +2,13 @@
 
     DATA/ilsvrc12_train_lmdb/   DATA/ilsvrc12_val_lmdb/   DATA/imagenet_mean.binaryproto
 
-Read with the ``lmdb`` and ``protobuf`` packages (no Caffe). As in Caffe, an
-image is a float C x H x W array in **BGR** order with the mean image (BGR,
-same H x W) subtracted, then cropped (random + horizontal flip for training,
-centre for validation). Values are raw pixel units, roughly -128..128.
+Read with the ``lmdb`` and ``protobuf`` packages (no Caffe). As in the 2017 code,
+an image is a float C x H x W array in **BGR** order, for training flipped
+horizontally with probability 1/2, then the mean image (BGR, same H x W, never
+flipped) subtracted, then cropped (at random for training, at the centre for
+validation). Values are raw pixel units, roughly -128..128. Records are read in
+key order (Caffe's ``convert_imageset`` keys start with the record's index, so
+this is the order the 2017 code read them in, ``'{:08}'.format(index)``).
 
 Each process opens its own read-only LMDB environment at its first read. The
 constructor closes the environment it used for listing the keys, so DataLoader
@@ -97,12 +100,20 @@ def decode_datum(value: bytes, where: str) -> Tuple[np.ndarray, int]:
 
 
 def caffe_transform(mean: torch.Tensor, crop: int, train: bool) -> Callable[[np.ndarray], torch.Tensor]:
-    """The 2017/Caffe pipeline: subtract the mean image, then random crop + flip or centre crop."""
-    crop_flip = (transforms.Compose([transforms.RandomCrop(crop), transforms.RandomHorizontalFlip()])
-                 if train else transforms.CenterCrop(crop))
+    """The 2017 pipeline: (training) random horizontal flip of the raw image, subtract the mean
+    image, then a random crop (training) or the centre crop (validation).
+
+    The order matters: the mean image is not symmetric, and 2017 subtracted it unflipped from
+    the flipped image (``flip(x) - mean``, not ``flip(x - mean)``).
+    """
+    flip = transforms.RandomHorizontalFlip() if train else None
+    cropper = transforms.RandomCrop(crop) if train else transforms.CenterCrop(crop)
 
     def apply(image: np.ndarray) -> torch.Tensor:
-        return crop_flip(torch.from_numpy(np.asarray(image, dtype=np.float32)) - mean)
+        values = torch.from_numpy(np.asarray(image, dtype=np.float32))
+        if flip is not None:
+            values = flip(values)
+        return cropper(values - mean)
 
     return apply
 

@@ -4,17 +4,20 @@ ImageFolder layout (default)::
 
     DATA/train/<class>/*.JPEG   DATA/val/<class>/*.JPEG
 
-2017 transforms: resize to 256x256, random crop 227 + horizontal flip (training)
-or centre crop 227 (validation), ToTensor, then Normalize(mean=(0.485, 0.456,
-0.406), std=1/255): the model sees **RGB** values ``(x - mean) * 255``, roughly
--124..131. The Caffe layout (``--caffe-data``, see :mod:`caffe_lmdb`) gives
-**BGR** values minus the mean image, in the same range; a network trained on
-one layout expects that layout's channel order.
+Transforms of the final 2017 code's torchvision path: resize to 256x256, random
+crop 227 + horizontal flip (training) or centre crop 227 (validation), ToTensor,
+then Normalize(mean=(0.485, 0.456, 0.406), std=1/255): the model sees **RGB**
+values ``(x - mean) * 255``, roughly -124..131. The Caffe layout
+(``--caffe-data``, see :mod:`caffe_lmdb`) gives **BGR** values minus the mean
+image, in the same range; a network trained on one layout expects that layout's
+channel order.
 
-Under torchrun, training uses a DistributedSampler (padded to equal shares,
-reshuffled by ``set_epoch``); validation uses :class:`ShardSampler`, which
-gives every sample to exactly one rank without padding, so the all-reduced
-counts of ``evaluate`` are exact.
+Training uses a DistributedSampler (padded to equal shares), reshuffled by
+``set_epoch`` or, without shuffling (the 2017 Caffe run), in the stored order:
+with N processes rank r takes samples r, r + N, ..., so each step's global batch
+is the same run of consecutive samples as 2017's single-process batch.
+Validation uses :class:`ShardSampler`, which gives every sample to exactly one
+rank without padding, so the all-reduced counts of ``evaluate`` are exact.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class ImageNetData:
 
 
 def folder_transform(resize: int, crop: int, train: bool) -> transforms.Compose:
-    """The 2017 torchvision-layout pipeline (see module docstring)."""
+    """The final 2017 code's torchvision pipeline (see module docstring)."""
     steps = [transforms.Resize((resize, resize))]
     steps += [transforms.RandomCrop(crop), transforms.RandomHorizontalFlip()] if train else [transforms.CenterCrop(crop)]
     steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, STD_2017)]
@@ -122,18 +125,19 @@ class ShardSampler(Sampler[int]):
 
 
 def make_loaders(
-    data: ImageNetData, *, batch_size: int, workers: int, seed: int, dist_info: DistInfo
+    data: ImageNetData, *, batch_size: int, workers: int, seed: int, dist_info: DistInfo, shuffle: bool = True
 ) -> Tuple[DataLoader, DistributedSampler, DataLoader]:
     """Training loader (+ its sampler, for ``set_epoch``) and validation loader of one rank.
 
-    ``batch_size`` is per rank. The training order depends only on (seed, epoch).
+    ``batch_size`` is per rank. The training order depends only on (seed, epoch) with
+    ``shuffle``; without, it is the dataset's own order every epoch (module docstring).
     """
     if len(data.val) < dist_info.world_size:
         raise UserError(f"the validation set has {len(data.val)} images, fewer than the {dist_info.world_size} "
                         "processes: every process needs at least one")
     pin = dist_info.device.type == "cuda"
     train_sampler = DistributedSampler(data.train, num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                       shuffle=True, seed=seed, drop_last=False)
+                                       shuffle=shuffle, seed=seed, drop_last=False)
     train_loader = DataLoader(data.train, batch_size=batch_size, sampler=train_sampler, num_workers=workers,
                               pin_memory=pin, drop_last=False)
     val_sampler = ShardSampler(len(data.val), dist_info.rank, dist_info.world_size)

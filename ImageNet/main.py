@@ -5,7 +5,10 @@
     python ImageNet/main.py --data DIR --caffe-data                       # Caffe LMDB layout
     python ImageNet/main.py --data DIR --pretrained PATH --evaluate       # top-1 / top-5 of a checkpoint
 
-See ImageNet/README.md for the data layouts and multi-node commands.
+Each data layout defaults to the 2017 run made on it (``--recipe``): the Caffe LMDBs to the run
+of the 2017 README's top-1 44.87% (``2017-caffe``), image folders to the final 2017 code's
+torchvision run (``2017-torchvision``). See ImageNet/README.md for the data layouts, the two runs
+and multi-node commands.
 """
 
 from __future__ import annotations
@@ -14,12 +17,21 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import List
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from alexnet import ARCHITECTURES, HIDDEN_FEATURES, INPUT_SIZE, build_model, feature_map_size, smallest_input_size
+from alexnet import (
+    ARCHITECTURES,
+    HIDDEN_FEATURES,
+    INIT_SCALE_CAFFE_RUN,
+    INIT_SCALE_FINAL,
+    INPUT_SIZE,
+    build_model,
+    feature_map_size,
+    smallest_input_size,
+)
 from imagenet_data import (
     rank_epoch_seed,
     load_imagenet,
@@ -27,9 +39,17 @@ from imagenet_data import (
     one_line_worker_errors,
     per_rank_batch_size,
 )
-from xnornet.cli import ArgumentParser, UserError, non_negative_int, positive_int, run_cli, setup_logging
+from xnornet.cli import (
+    ArgumentParser,
+    UserError,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_cli,
+    setup_logging,
+)
 from xnornet.distributed import DistInfo, cleanup_distributed, init_distributed
-from xnornet.recipe import add_common_args, precision, run_recipe
+from xnornet.recipe import add_common_args, precision, restore_run_args, run_recipe
 
 RECIPE_DIR = Path(__file__).resolve().parent
 LOG = logging.getLogger("xnornet")
@@ -38,9 +58,43 @@ LOG = logging.getLogger("xnornet")
 #: scaled by n(1 - 1/C_in)) by a further 1e9.
 LEGACY_GRAD_MULTIPLIER = 1e9
 
+#: --recipe presets: the two 2017 runs (flags given on the command line override them).
+CAFFE_RUN, TORCHVISION_RUN = "2017-caffe", "2017-torchvision"
+PRESETS = {
+    # The commit whose run on the Caffe LMDBs gave the 2017 README's top-1 44.87%, top-5 69.70%.
+    CAFFE_RUN: {"init_scale": INIT_SCALE_CAFFE_RUN, "lr_epochs": 25, "weight_decay": 1e-5, "shuffle": False},
+    # The final 2017 code; its torchvision run's log is named for weight decay 3e-6.
+    TORCHVISION_RUN: {"init_scale": INIT_SCALE_FINAL, "lr_epochs": 30, "weight_decay": 3e-6, "shuffle": True},
+}
+PRESET_DESCRIPTIONS = {
+    CAFFE_RUN: "the 2017 run on the Caffe LMDBs (top-1 44.87%%): weights ~ N(0, std 1/c), lr / 10 every 25 epochs, "
+               "weight decay 1e-5, records in LMDB order; the default with --caffe-data",
+    TORCHVISION_RUN: "the final 2017 code's run on image folders: weights ~ N(0, std 2/c), lr / 10 every 30 epochs, "
+                     "weight decay 3e-6, reshuffled every epoch; the default without --caffe-data",
+}
+
+
+def _names_caffe_data(item: str) -> bool:
+    """``--caffe-data`` or a prefix argparse accepts for it (``--ca``, ``--caffe``, ...)."""
+    return len(item) >= len("--ca") and "--caffe-data".startswith(item)
+
+
+class RecipeArgumentParser(ArgumentParser):
+    """The shared parser, whose default ``--recipe`` follows the data layout: the 2017 run
+    made on that layout (:data:`PRESETS`)."""
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> Tuple[Any, List[str]]:
+        argv = list(sys.argv[1:] if args is None else args)
+        words = argv[:argv.index("--")] if "--" in argv else argv
+        self.default_preset = CAFFE_RUN if any(_names_caffe_data(item) for item in words) else TORCHVISION_RUN
+        self.set_defaults(recipe=self.default_preset)
+        return super().parse_known_args(argv, namespace)
+
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="XNOR-Net AlexNet on ImageNet (Adam, lr / 10 every --lr-epochs epochs)")
+    parser = RecipeArgumentParser(
+        description="XNOR-Net AlexNet on ImageNet (Adam, lr / 10 every --lr-epochs epochs; defaults: the 2017 run "
+                    "made on the chosen data layout, see --recipe)")
     parser.add_argument("--arch", "-a", default="alexnet", choices=sorted(ARCHITECTURES),
                         help="alexnet = XNOR (2017), alexnet_float = float counterpart, alexnet_bwn = binary "
                              "weights only, alexnet_K = XNOR with the activation scale K (default: alexnet)")
@@ -54,9 +108,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start-epoch", type=positive_int, default=None, metavar="N",
                         help="first epoch to train, 1-based as in the logs (default: 1, or the epoch after a "
                              "--resume checkpoint's); the 2017 code counted from 0, so its N is our N+1")
-    parser.add_argument("--lr-epochs", type=positive_int, default=25, metavar="N",
+    parser.add_argument("--lr-epochs", type=positive_int, default=PRESETS[TORCHVISION_RUN]["lr_epochs"], metavar="N",
                         help="divide the learning rate by 10 every N epochs: lr = lr0 * 0.1 ** ((epoch - 1) // N) "
-                             "(default: 25, milestones 26, 51, 76 as in 2017)")
+                             "(default: from --recipe, 25 for 2017-caffe: milestones 26, 51, 76; 30 for "
+                             "2017-torchvision: 31, 61, 91)")
+    parser.add_argument("--init-scale", type=positive_float, default=PRESETS[TORCHVISION_RUN]["init_scale"],
+                        metavar="S",
+                        help="initial Conv2d/Linear weights ~ N(0, std S/c), c = elements per output filter "
+                             "(default: from --recipe, 1 for 2017-caffe, 2 for 2017-torchvision)")
+    parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction,
+                        default=PRESETS[TORCHVISION_RUN]["shuffle"],
+                        help="reshuffle the training set every epoch; --no-shuffle reads it in its stored order "
+                             "every epoch (default: from --recipe, off for 2017-caffe, on for 2017-torchvision)")
     parser.add_argument("--input-size", type=positive_int, default=INPUT_SIZE, metavar="N",
                         help=f"crop size fed to the network (default: {INPUT_SIZE}; the smallest is "
                              f"{smallest_input_size()}, for smoke tests)")
@@ -71,7 +134,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="multiply the corrected weight gradient by a further 1e9, on top of "
                              "--grad-scale, like the 2017 ImageNet code (notes eq. 11)")
     parser.add_argument("--no-cuda", action="store_true", help="run on the CPU even if CUDA is available")
-    add_common_args(parser, epochs=100, lr=0.001, weight_decay=1e-5, batch_size=256)
+    add_common_args(parser, epochs=100, lr=0.001, weight_decay=PRESETS[TORCHVISION_RUN]["weight_decay"],
+                    batch_size=256)
+    parser.add_presets(PRESETS, default=TORCHVISION_RUN, descriptions=PRESET_DESCRIPTIONS)
     return parser
 
 
@@ -86,6 +151,7 @@ def grad_multiplier(args: argparse.Namespace) -> float:
 
 
 def main(args: argparse.Namespace) -> dict:
+    args = restore_run_args(args)  # --resume continues the run's own recipe
     args.grad_multiplier = grad_multiplier(args)
     if feature_map_size(args.input_size) < 1:
         raise UserError(f"--input-size {args.input_size} is too small for AlexNet (smallest: {smallest_input_size()})")
@@ -107,11 +173,12 @@ def train_or_evaluate(args: argparse.Namespace, dist_info: DistInfo) -> dict:
                          num_classes=args.num_classes)
     LOG.info("%s", data.description)
     train_loader, train_sampler, val_loader = make_loaders(
-        data, batch_size=batch_size, workers=args.workers, seed=args.seed, dist_info=dist_info)
+        data, batch_size=batch_size, workers=args.workers, seed=args.seed, dist_info=dist_info, shuffle=args.shuffle)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(args.arch, num_classes=data.num_classes, input_size=args.input_size,
-                        hidden_features=args.hidden_features).to(dist_info.device, memory_format=memory_format)
+                        hidden_features=args.hidden_features, init_scale=args.init_scale,
+                        ).to(dist_info.device, memory_format=memory_format)
     train_model = None
     if dist_info.enabled:
         device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None

@@ -3,6 +3,9 @@
 conv1 (1->20, 5x5, float) -> BN (affine=False) -> ReLU -> maxpool 2
 -> BinConv2d(20->50, 5x5) -> maxpool 2
 -> BinConv2d Linear(800->500, previous_conv, size 16) -> Linear(500->10, float)
+
+As in 2017, the scale of every affine BatchNorm (those of the two blocks) is
+clamped to >= 0.01 at each forward pass.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from xnornet import BinConv2d, ConvBlock, architectures
+from xnornet.layers import BN_SCALE_FLOOR
 
 
 class LeNet_5(nn.Module):  # noqa: N801  (2017 name; also the --arch value)
@@ -24,9 +28,10 @@ class LeNet_5(nn.Module):  # noqa: N801  (2017 name; also the --arch value)
         self.bn_conv1 = nn.BatchNorm2d(20, eps=1e-4, momentum=0.1, affine=False)
         self.relu_conv1 = nn.ReLU(inplace=True)
         self.pool1 = nn.MaxPool2d(kernel_size=2, stride=2)
-        self.bin_conv2 = block(20, 50, kernel_size=5, stride=1, padding=0)
+        self.bin_conv2 = block(20, 50, kernel_size=5, stride=1, padding=0, bn_scale_floor=BN_SCALE_FLOOR)
         self.pool2 = nn.MaxPool2d(kernel_size=2, stride=2)
-        self.bin_ip1 = block(50 * 4 * 4, 500, Linear=True, previous_conv=True, size=4 * 4)
+        self.bin_ip1 = block(50 * 4 * 4, 500, Linear=True, previous_conv=True, size=4 * 4,
+                             bn_scale_floor=BN_SCALE_FLOOR)
         self.ip2 = nn.Linear(500, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,3 +47,13 @@ ARCHITECTURES: Dict[str, Callable[[], nn.Module]] = architectures("LeNet_5", LeN
 
 def build_model(arch: str) -> nn.Module:
     return ARCHITECTURES[arch]()
+
+
+#: One MNIST image (channels, height, width), as the network takes it.
+INPUT_SHAPE = (1, 28, 28)
+
+
+if __name__ == "__main__":  # python MNIST/lenet.py [--arch NAME]: the per-layer summary
+    from xnornet.summary import summary_cli
+
+    summary_cli(ARCHITECTURES, INPUT_SHAPE, default="LeNet_5")

@@ -93,6 +93,20 @@ def test_2017_init_by_module_type():
         assert torch.count_nonzero(conv.bias) == 0
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_affine_batchnorm_scale_is_clamped_to_0_01_as_in_2017(arch):
+    """The 2017 NIN clamps every affine BatchNorm scale (those of its blocks) to >= 0.01 in its forward pass."""
+    model = build_model(arch)
+    affine = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.affine]
+    blocks = [model.xnor[i] for i in BLOCKS]
+    assert len(affine) == len(blocks) == 7 and all(block.bn_scale_floor == 0.01 for block in blocks)
+    with torch.no_grad():
+        for bn in affine:
+            bn.weight[:2] = torch.tensor([-0.5, 0.001])
+    model.eval()(torch.randn(1, 3, 32, 32))
+    assert all(bn.weight[0].item() == bn.weight[1].item() == pytest.approx(0.01) for bn in affine)
+
+
 def test_binop_selects_the_blocks_by_type():
     assert BinOp(build_model("nin")).num_of_params == 7
     assert BinOp(build_model("nin_float")).num_of_params == 0

@@ -115,6 +115,45 @@ def test_load_model_state_mismatch_names_missing_unexpected_and_reshaped_keys() 
     assert torch.equal(model[1].weight, good["1.weight"])
 
 
+def test_missing_batchnorm_counters_of_old_files_are_zero_and_every_other_key_is_still_named() -> None:
+    """Files of PyTorch 0.2-0.4 have no BatchNorm num_batches_tracked: those counters become 0
+    (as PyTorch fills them); a file missing anything else is still refused, naming the key."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.Flatten(), nn.BatchNorm1d(8))
+    model.train()(torch.randn(4, 1, 2, 2))  # counters at 1
+    source = {k: (v.clone() + 0.5 if v.is_floating_point() else v.clone()) for k, v in model.state_dict().items()}
+    old = {k: v for k, v in source.items() if not k.endswith("num_batches_tracked")}
+    assert len(old) == len(source) - 2
+    load_model_state(model, old)
+    state = model.state_dict()
+    assert state["1.num_batches_tracked"].item() == 0 and state["3.num_batches_tracked"].item() == 0
+    assert state["1.num_batches_tracked"].dtype == torch.long
+    assert all(torch.equal(state[k], v) for k, v in old.items())
+    for broken, fragment in (({k: v for k, v in old.items() if k != "1.running_var"}, "missing: 1.running_var"),
+                             ({**old, "2.weight": torch.zeros(1)}, "unexpected: 2.weight"),
+                             ({**old, "3.running_mean": torch.zeros(3)}, "wrong shape: 3.running_mean")):
+        with pytest.raises(UserError) as info:
+            load_model_state(model, broken, source="old file")
+        assert fragment in str(info.value) and "missing: 1.num_batches_tracked" not in str(info.value)
+    # A counter that is there is loaded as it is.
+    load_model_state(model, {**old, "1.num_batches_tracked": torch.tensor(7)})
+    assert model.state_dict()["1.num_batches_tracked"].item() == 7
+
+
+def test_legacy_non_zip_files_load_with_weights_only(tmp_path: Path) -> None:
+    """torch.save's pre-1.6 format (what PyTorch 0.2-0.4 wrote), with the 2017 dict keys."""
+    import zipfile
+
+    weight = torch.randn(3, 2)
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 3, "arch": "alexnet", "best_prec1": 44.87, "state_dict": {"features.module.0.weight": weight},
+                "optimizer": torch.optim.Adam([nn.Parameter(weight.clone())]).state_dict()},
+               path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)
+    loaded = load_file(path)
+    assert loaded["epoch"] == 3 and loaded["best_prec1"] == 44.87 and loaded["arch"] == "alexnet"
+    assert torch.equal(model_state_from(loaded)["features.0.weight"], weight)
+
+
 def _draw() -> tuple:
     return torch.rand(5), np.random.rand(5), random.random(), random.gauss(0.0, 1.0), np.random.randn(3)
 

@@ -196,14 +196,22 @@ def test_previous_conv_linear_block_has_batchnorm2d_over_channels() -> None:
         BinConv2d(800, 500, Linear=True, previous_conv=True, size=15)
 
 
-def test_batchnorm_scale_clamped_to_floor_after_forward() -> None:
-    """Each forward clamps the BatchNorm scale to >= 0.01 in place (2017 behaviour)."""
+def test_batchnorm_scale_clamped_to_the_floor_a_network_sets() -> None:
+    """With ``bn_scale_floor`` (the 2017 LeNet-5 and NIN: 0.01) each forward clamps the BatchNorm
+    scale in place; without it (the default, the 2017 AlexNet) negative scales stay as they are."""
     assert BN_SCALE_FLOOR == 0.01
-    for block, x in (
-        (BinConv2d(4, 2, kernel_size=1, stride=1, padding=0), torch.randn(3, 4, 2, 2)),
-        (FloatConv2d(4, 2, Linear=True), torch.randn(3, 4)),
-    ):
-        with torch.no_grad():
-            block.bn.weight.copy_(torch.tensor([-1.0, 0.005, 0.01, 0.5]))
-        block(x)
-        assert torch.equal(block.bn.weight.detach(), torch.tensor([0.01, 0.01, 0.01, 0.5]))
+    raw = torch.tensor([-1.0, 0.005, 0.01, 0.5])
+    for floor, expected in ((BN_SCALE_FLOOR, torch.tensor([0.01, 0.01, 0.01, 0.5])), (None, raw)):
+        for block, x in (
+            (BinConv2d(4, 2, kernel_size=1, stride=1, padding=0, bn_scale_floor=floor), torch.randn(3, 4, 2, 2)),
+            (FloatConv2d(4, 2, Linear=True, bn_scale_floor=floor), torch.randn(3, 4)),
+        ):
+            assert block.bn_scale_floor == floor
+            with torch.no_grad():
+                block.bn.weight.copy_(raw)
+            block(x)
+            block.eval()(x)
+            assert torch.equal(block.bn.weight.detach(), expected)
+    assert BinConv2d(4, 2, Linear=True).bn_scale_floor is None
+    with pytest.raises(ValueError, match="bn_scale_floor"):
+        BinConv2d(4, 2, Linear=True, bn_scale_floor=float("nan"))

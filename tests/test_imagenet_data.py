@@ -1,4 +1,5 @@
-"""ImageNet recipe data: Caffe wire format, LMDB reading, transforms, samplers, bad input. In-process."""
+"""ImageNet recipe data: Caffe wire format, LMDB reading, transforms (in the 2017 order), samplers
+(shuffled or in stored order), bad input. In-process."""
 
 from __future__ import annotations
 
@@ -28,9 +29,11 @@ from imagenet_data import (  # noqa: E402
     IMAGENET_MEAN,
     ShardSampler,
     load_imagenet,
+    make_loaders,
     one_line_worker_errors,
 )
 from xnornet.cli import UserError
+from xnornet.distributed import DistInfo
 
 
 def test_datum_wire_format_uses_caffe_field_numbers() -> None:
@@ -94,6 +97,66 @@ def test_lmdb_records_are_bgr_minus_mean_centre_cropped(tmp_path: Path) -> None:
     train = CaffeLMDB(root / "ilsvrc12_train_lmdb", mean, CROP, train=True, num_classes=3)
     crops = {tuple(train[0][0][0, 0, :3].tolist()) for _ in range(12)}
     assert len(crops) > 1  # random crop / flip
+
+
+def test_caffe_training_records_are_flipped_then_mean_subtracted_then_cropped(tmp_path: Path) -> None:
+    """The 2017 order: flip the raw image, subtract the (unflipped) mean image, crop. With a mean
+    image that is not symmetric, flip(x) - mean differs from flip(x - mean), the other order."""
+    root = tmp_path / "caffe"
+    root.mkdir()
+    rgb = class_image(1, 0)
+    write_lmdb(root / "ilsvrc12_train_lmdb", [datum_bytes(rgb, 1)])
+    ramp = np.linspace(0.0, 90.0, SIZE, dtype=np.float32)  # grows left to right
+    write_mean(root / "imagenet_mean.binaryproto", np.broadcast_to(ramp, (3, SIZE, SIZE)).copy())
+    mean = read_mean(root / "imagenet_mean.binaryproto")
+    bgr = torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1].transpose(2, 0, 1))).float()
+    plain, flipped = bgr - mean, bgr.flip(2) - mean
+    assert not torch.allclose(flipped, (bgr - mean).flip(2), atol=1.0)  # the two orders differ here
+    torch.manual_seed(0)
+    for crop in (SIZE, CROP):  # the full image (no crop), then random 67x67 windows
+        dataset = CaffeLMDB(root / "ilsvrc12_train_lmdb", mean, crop, train=True, num_classes=3)
+        seen = set()
+        for _ in range(24):
+            image, label = dataset[0]
+            assert label == 1 and image.shape == (3, crop, crop)
+            offsets = range(SIZE - crop + 1)
+            matches = {name for name, full in (("plain", plain), ("flipped", flipped))
+                       for top in offsets for left in offsets
+                       if torch.equal(image, full[:, top:top + crop, left:left + crop])}
+            assert len(matches) == 1, matches
+            seen |= matches
+        dataset.close()
+        assert seen == {"plain", "flipped"}
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_training_order_is_the_stored_one_without_shuffle(tmp_path: Path, world_size: int) -> None:
+    """Without shuffling (the 2017 Caffe run) every epoch reads the records in LMDB key order; with
+    several processes each global step holds the same consecutive records as one process would."""
+    root = make_caffe_lmdb(tmp_path / "caffe")  # 12 training records, labels 0, 1, 2, 0, 1, 2, ...
+    data = load_imagenet(root, caffe=True, crop=CROP, resize=SIZE, num_classes=3)
+    per_rank = 6 // world_size
+    orders = {}
+    for shuffle in (False, True):
+        for rank in range(world_size):
+            dist_info = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
+            loader, sampler, _ = make_loaders(data, batch_size=per_rank, workers=0, seed=1, dist_info=dist_info,
+                                              shuffle=shuffle)
+            for epoch in (1, 2):
+                sampler.set_epoch(epoch)
+                orders[shuffle, rank, epoch] = list(sampler)
+                if not shuffle:
+                    labels = torch.cat([batch_labels for _, batch_labels in loader]).tolist()
+                    assert labels == [index % 3 for index in orders[shuffle, rank, epoch]]
+    for rank in range(world_size):
+        for epoch in (1, 2):
+            assert orders[False, rank, epoch] == list(range(rank, 12, world_size))
+    for step in range(12 // (world_size * per_rank)):  # the global batch of each step
+        records = sorted(i for rank in range(world_size)
+                         for i in orders[False, rank, 1][step * per_rank:(step + 1) * per_rank])
+        assert records == list(range(step * 6, step * 6 + 6))
+    assert orders[True, 0, 1] != orders[True, 0, 2]  # reshuffled every epoch
+    assert sorted(i for rank in range(world_size) for i in orders[True, rank, 1]) == list(range(12))
 
 
 def test_image_folder_values_are_rgb_minus_mean_times_255(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def ddp_run(tmp_path_factory) -> dict:
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO_ROOT / "tests" / "imagenet_ddp_helper.py"), str(digests),
-               "--data", str(data), *map(str, SMALL_ARGS), "--epochs", "1", "--output-dir", str(out)]
+               "--data", str(data), *map(str, SMALL_ARGS), "--epochs", "1", "--lr-epochs", "1", "--output-dir", str(out)]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     return {"data": data, "out": out, "digests": json.loads(digests.read_text()), "stderr": result.stderr}

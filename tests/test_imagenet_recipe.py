@@ -26,6 +26,9 @@ def test_image_folder_trains_one_epoch_then_evaluates_top1_top5(tmp_path: Path, 
     header, epoch = read_log(out / "log.jsonl")
     assert header["event"] == "start" and header["world_size"] == 1 and header["git_commit"]
     assert header["args"]["num_classes"] is None and header["args"]["grad_scale"] == "2017"
+    # image folders: the final 2017 code's torchvision run
+    assert header["args"]["recipe"] == "2017-torchvision" and header["args"]["shuffle"] is True
+    assert (header["args"]["init_scale"], header["args"]["lr_epochs"]) == (2.0, 30)
     assert epoch["epoch"] == 1 and epoch["lr"] == 0.001 and epoch["test_count"] == 6
     assert {"test_acc", "test_acc5", "train_loss"} <= set(epoch)
     checkpoint = torch.load(out / "last.pth", weights_only=True)
@@ -48,6 +51,10 @@ def test_caffe_lmdb_trains_one_epoch_with_two_workers_and_the_1e9_multiplier(tmp
     assert result["output_dir"] == str(out)
     header, epoch = read_log(out / "log.jsonl")
     assert header["args"]["caffe_data"] is True and header["args"]["workers"] == 2
+    # the Caffe LMDBs: the 2017 run of top-1 44.87%, records in key order
+    assert header["args"]["recipe"] == "2017-caffe" and header["args"]["shuffle"] is False
+    assert (header["args"]["init_scale"], header["args"]["lr_epochs"], header["args"]["weight_decay"]) == \
+        (1.0, 25, 1e-5)
     # what run_recipe hands to BinOp: the 2017 factor, then 1e9 on top (notes eq. 11)
     assert header["args"]["grad_scale"] == "2017" and header["args"]["grad_multiplier"] == 1e9
     assert epoch["epoch"] == 1 and epoch["test_count"] == 6 and "test_acc5" in epoch

@@ -77,6 +77,20 @@ def test_state_dict_keys_match_2017():
         assert set(build_model(arch).state_dict()) == keys
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_affine_batchnorm_scale_is_clamped_to_0_01_as_in_2017(arch):
+    """The 2017 LeNet-5 clamps every affine BatchNorm scale (its two blocks') to >= 0.01 in its forward pass."""
+    model = build_model(arch)
+    affine = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) and m.affine]
+    assert [bn.num_features for bn in affine] == [20, 50]
+    assert model.bin_conv2.bn_scale_floor == model.bin_ip1.bn_scale_floor == 0.01
+    with torch.no_grad():
+        for bn in affine:
+            bn.weight[:2] = torch.tensor([-0.5, 0.001])
+    model.eval()(torch.randn(1, 1, 28, 28))
+    assert all(bn.weight[0].item() == bn.weight[1].item() == pytest.approx(0.01) for bn in affine)
+
+
 def test_train_checkpoint_log(trained_run):
     records = epoch_records(trained_run / "log.jsonl")
     assert [r["epoch"] for r in records] == [1, 2]

@@ -21,15 +21,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from xnornet import BinConv2d, BinOp
+from xnornet.layers import BN_SCALE_FLOOR
 from xnornet.packed import PackedBinConv2d, kernels
 from xnornet.packed.pack import (
-    clamped_batchnorm,
+    block_batchnorm,
+    decreasing_channels,
+    flip_input_signs,
     merges_kernel_rows,
     pack_dense,
     padding_offsets,
     runtime_weight,
     sign_thresholds,
     unpack_dense,
+    weight_signs_and_alpha,
     words_for,
 )
 
@@ -72,16 +76,27 @@ def test_dense_bits_follow_the_documented_order() -> None:
         np.testing.assert_array_equal(unpack_dense(pack_dense(signs), shape), signs)
 
 
+@pytest.mark.parametrize("floor", [BN_SCALE_FLOOR, None])
 @pytest.mark.parametrize("spatial", [True, False])
-def test_sign_thresholds_reproduce_the_sign_of_batchnorm(spatial: bool) -> None:
+def test_sign_thresholds_reproduce_the_sign_of_batchnorm(spatial: bool, floor) -> None:
+    """With the 2017 floor (LeNet-5, NIN) every scale is positive; without it (AlexNet) some are
+    negative or zero: there the bit ``x >= t`` is the inverted sign (``bn(x) < 0``)."""
     generator = torch.Generator().manual_seed(1)
     channels = 37
-    bn = nn.BatchNorm2d(channels, eps=1e-4) if spatial else nn.BatchNorm1d(channels, eps=1e-3)
-    randomize_batchnorm(bn, generator)
+    block = BinConv2d(channels, 4, 1, 1, 0, bn_scale_floor=floor) if spatial else BinConv2d(
+        channels, 4, Linear=True, bn_scale_floor=floor)
+    randomize_batchnorm(block, generator)
     with torch.no_grad():
-        bn.weight[:3] = torch.tensor([1e-6, -2.0, 0.01])  # clamped to 0.01, as ConvBlock.forward does
-    bn = clamped_batchnorm(bn)
-    thresholds = sign_thresholds(bn)
+        block.bn.weight[:5] = torch.tensor([1e-6, -2.0, 0.01, 0.0, 0.0])
+        block.bn.bias[3:5] = torch.tensor([0.5, -0.5])  # zero scale: always +1, never +1
+    bn = block_batchnorm(block)
+    decreasing = decreasing_channels(bn)
+    if floor is None:
+        assert decreasing[1] and not decreasing[[0, 2, 3, 4]].any()
+        assert torch.equal(bn.weight, block.bn.weight)
+    else:
+        assert not decreasing.any() and bn.weight.min() == floor  # clamped as ConvBlock.forward does
+    thresholds = sign_thresholds(bn, decreasing=decreasing)
     # Values at, just below and just above each threshold, and a wide random spread.
     near = np.stack([thresholds, np.nextafter(thresholds, -np.inf), np.nextafter(thresholds, np.inf),
                      np.nextafter(np.nextafter(thresholds, -np.inf), -np.inf)]).astype(np.float32)
@@ -94,9 +109,33 @@ def test_sign_thresholds_reproduce_the_sign_of_batchnorm(spatial: bool) -> None:
     else:
         layouts = [values]
         limit = torch.from_numpy(thresholds).reshape(1, channels)
+    flip = torch.from_numpy(decreasing).reshape(limit.shape)
     with torch.no_grad():
         for tensor in layouts:
-            assert torch.equal(tensor >= limit, bn(tensor) >= 0)
+            # (+-inf only next to the zero-scale channels' thresholds, where BatchNorm gives NaN)
+            finite = torch.isfinite(tensor)
+            assert torch.equal((tensor >= limit)[finite], ((bn(tensor) >= 0) ^ flip)[finite])
+    if floor is None:
+        assert np.isneginf(thresholds[3]) and np.isposinf(thresholds[4])  # always on, never on
+        with pytest.raises(RuntimeError, match="not marked as decreasing"):
+            sign_thresholds(bn)
+
+
+def test_flipped_input_channels_invert_exactly_the_weights_that_read_them() -> None:
+    rng = np.random.default_rng(4)
+    signs = rng.random((6, 3, 2, 2)) < 0.5  # 2 groups: filters 0-2 read channels 0-2, filters 3-5 channels 3-5
+    flipped = np.array([False, True, False, False, False, True])
+    out = flip_input_signs(signs, flipped, groups=2)
+    np.testing.assert_array_equal(out[:3, 1], ~signs[:3, 1])
+    np.testing.assert_array_equal(out[3:, 2], ~signs[3:, 2])
+    keep = np.ones((6, 3), dtype=bool)
+    keep[:3, 1] = keep[3:, 2] = False
+    np.testing.assert_array_equal(out[keep], signs[keep])
+    linear = rng.random((4, 5)) < 0.5
+    np.testing.assert_array_equal(flip_input_signs(linear, np.arange(5) % 2 == 1, 1)[:, 1::2], ~linear[:, 1::2])
+    assert flip_input_signs(linear, np.zeros(5, dtype=bool), 1) is linear
+    with pytest.raises(ValueError, match="input channels"):
+        flip_input_signs(linear, np.zeros(4, dtype=bool), 1)
 
 
 def merged_rows(packed: np.ndarray, kernel_size: int, group_channels: int) -> np.ndarray:
@@ -225,25 +264,47 @@ BLOCK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("floor", [BN_SCALE_FLOOR, None])  # LeNet-5 / NIN blocks, AlexNet blocks
 @pytest.mark.parametrize("shape, variant", BLOCK_CASES)
-def test_packed_conv_block_matches_the_simulated_block(shape, variant) -> None:
+def test_packed_conv_block_matches_the_simulated_block(shape, variant, floor) -> None:
     cin, cout, k, stride, padding, groups, height, width = shape
     generator = torch.Generator().manual_seed(sum(shape))
-    block = BinConv2d(cin, cout, k, stride, padding, groups=groups, **variant)
-    randomize_batchnorm(block, generator)
+    block = BinConv2d(cin, cout, k, stride, padding, groups=groups, bn_scale_floor=floor, **variant)
+    randomize_batchnorm(block, generator)  # some scales negative: kept without a floor
     for batch in (1, 3):
         assert_close_to_simulation(block, torch.randn(batch, cin, height, width, generator=generator))
 
 
+@pytest.mark.parametrize("floor", [BN_SCALE_FLOOR, None])
 @pytest.mark.parametrize("variant", [{}, {"activation_scale": True}, {"binary_activations": False}])
-def test_packed_linear_blocks_match_the_simulated_blocks(variant) -> None:
+def test_packed_linear_blocks_match_the_simulated_blocks(variant, floor) -> None:
     generator = torch.Generator().manual_seed(7)
-    after_conv = BinConv2d(50 * 16, 500, Linear=True, previous_conv=True, size=16, **variant)  # LeNet-5 ip1
-    plain = BinConv2d(130, 70, Linear=True, **variant)
+    after_conv = BinConv2d(50 * 16, 500, Linear=True, previous_conv=True, size=16, bn_scale_floor=floor,
+                           **variant)  # LeNet-5 ip1
+    plain = BinConv2d(130, 70, Linear=True, bn_scale_floor=floor, **variant)  # AlexNet's classifier blocks
     for block, shape in ((after_conv, (50, 4, 4)), (plain, (130,))):
         randomize_batchnorm(block, generator)
+        assert bool((block.bn.weight < 0).any())  # the floor (if any) applies inside the forward pass
         for batch in (1, 5):
             assert_close_to_simulation(block, torch.randn(batch, *shape, generator=generator))
+
+
+def test_negative_batchnorm_scales_invert_the_stored_weights_of_their_channels() -> None:
+    """Without a scale floor, an XNOR block packs the inverted sign of each channel whose scale is
+    negative and stores that channel's weights inverted (the products are unchanged); K and BWN
+    blocks, which keep their BatchNorm in float, store the plain signs."""
+    generator = torch.Generator().manual_seed(8)
+    for variant in ({}, {"activation_scale": True}):
+        block = BinConv2d(6 * 4, 5, Linear=True, previous_conv=True, size=4, **variant)
+        randomize_batchnorm(block, generator)
+        with torch.no_grad():
+            block.bn.weight.copy_(torch.tensor([0.5, -0.5, 1.0, -2.0, 0.3, 0.7]))
+        packed = PackedBinConv2d.from_block(block.eval())
+        stored = unpack_dense(packed.weight_bits.numpy().view(np.uint64), (5, 24))
+        plain, _ = weight_signs_and_alpha(block.linear.weight)
+        inverted = np.repeat([False, True, False, True, False, False], 4) if not variant else np.zeros(24, bool)
+        np.testing.assert_array_equal(stored, plain ^ inverted[None, :])
+        assert_close_to_simulation(block, torch.randn(3, 6, 2, 2, generator=generator))
 
 
 def test_packed_block_takes_nchw_and_channels_last_inputs_alike() -> None:

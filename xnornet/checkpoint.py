@@ -7,8 +7,12 @@ A training checkpoint is a dict::
      "best_acc": float, "last_acc": float, "args": dict, "rng": dict}
 
 A shipped checkpoint keeps only ``arch``, ``state_dict``, ``epoch``, ``acc``.
-2017 files (``{"acc" or "best_acc" or "best_prec1", "state_dict"}``, keys
-possibly holding a ``module.`` segment) are accepted by :func:`model_state_from`.
+2017 files (``{"acc" or "best_acc" or "best_prec1", "state_dict"}``, the ImageNet
+ones also ``epoch``, ``arch`` and ``optimizer``; keys possibly holding a
+``module.`` segment) are accepted by :func:`model_state_from`. Files written by
+PyTorch 0.2-0.4 (the legacy, non-zip serialization, which ``torch.load`` still
+reads) lack the BatchNorm ``num_batches_tracked`` counters (added in PyTorch 0.4.1):
+:func:`load_model_state` fills them with 0, as PyTorch itself does for such files.
 """
 
 from __future__ import annotations
@@ -79,9 +83,22 @@ def checkpoint_accuracy(checkpoint: Mapping[str, Any]) -> Optional[float]:
     return None
 
 
+#: The BatchNorm buffer that PyTorch 0.4.1 added; older files lack it.
+BATCH_COUNTER = "num_batches_tracked"
+
+
 def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """``load_state_dict(strict=True)`` whose failure names the mismatched keys in one line."""
+    """``load_state_dict(strict=True)`` whose failure names the mismatched keys in one line.
+
+    A BatchNorm ``num_batches_tracked`` counter missing from ``state`` (files of PyTorch
+    0.2-0.4) is set to 0, as PyTorch does for such files, and never reported; every other
+    missing, unexpected or mis-shaped key is.
+    """
     own = model.state_dict()
+    counters = {key: torch.zeros_like(value) for key, value in own.items()
+                if key.rsplit(".", 1)[-1] == BATCH_COUNTER and key not in state}
+    if counters:
+        state = {**state, **counters}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     reshaped = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))

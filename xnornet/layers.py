@@ -7,8 +7,9 @@ networks match the 2017 checkpoints.
 
 from __future__ import annotations
 
+import math
 from functools import partial
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -16,9 +17,9 @@ import torch.nn.functional as F
 
 from .binarize import bin_active
 
-#: The 2017 networks clamp the scale of every affine BatchNorm to at least
-#: this value before each forward pass, so that BN followed by sign stays
-#: monotonic in its input (a negative scale would flip the sign).
+#: The floor the 2017 LeNet-5 and NIN put on the scale of every affine BatchNorm at the start
+#: of each forward pass (the 2017 AlexNet has no such clamp). It keeps BN followed by sign
+#: increasing in its input: a negative scale would flip the sign.
 BN_SCALE_FLOOR = 0.01
 
 
@@ -46,6 +47,12 @@ class ConvBlock(nn.Module):
     ``Linear=True`` with ``previous_conv=True`` takes the feature map of a
     convolution: the BatchNorm normalizes its ``input_channels // size``
     channels (``size`` = height * width) before flattening.
+
+    ``bn_scale_floor`` (keyword-only): clamp the BatchNorm scale in place to at
+    least this value before each forward pass, as the 2017 LeNet-5 and NIN did
+    for every affine BatchNorm (:data:`BN_SCALE_FLOOR`); ``None`` (the default,
+    the 2017 block itself and the 2017 AlexNet) leaves the scale free, negative
+    values included. Each network sets it for its blocks.
     """
 
     def __init__(
@@ -60,8 +67,13 @@ class ConvBlock(nn.Module):
         Linear: bool = False,  # noqa: N803  (2017 spelling)
         previous_conv: bool = False,
         size: int = 0,
+        *,
+        bn_scale_floor: Optional[float] = None,
     ) -> None:
         super().__init__()
+        if bn_scale_floor is not None and not math.isfinite(bn_scale_floor):
+            raise ValueError(f"bn_scale_floor must be a finite number or None, got {bn_scale_floor}")
+        self.bn_scale_floor = bn_scale_floor
         self.input_channels = input_channels
         self.output_channels = output_channels
         self.kernel_size = kernel_size
@@ -107,10 +119,11 @@ class ConvBlock(nn.Module):
         return self.linear(x.reshape(x.size(0), self.input_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            # In place under no_grad on purpose: the 2017 recipe keeps the BN
-            # scale positive by clamping the parameter itself, not a copy.
-            self.bn.weight.clamp_(min=BN_SCALE_FLOOR)
+        if self.bn_scale_floor is not None:
+            with torch.no_grad():
+                # In place under no_grad on purpose: the 2017 LeNet-5 and NIN keep the
+                # BN scale positive by clamping the parameter itself, not a copy.
+                self.bn.weight.clamp_(min=self.bn_scale_floor)
         normalized = self.bn(x)
         x = self.activate(normalized)
         if self.dropout_ratio != 0:

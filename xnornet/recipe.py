@@ -127,10 +127,11 @@ def add_common_args(
 CHANGEABLE_ON_RESUME = frozenset({
     "epochs", "lr", "data", "data_format", "download", "cache_dir", "workers", "output_dir", "log_interval",
     "checkpoint_minutes", "checkpoint_steps", "test_batch_size", "cpu", "no_cuda", "evaluate", "packed",
+    "start_epoch",
 })
 #: Flags never taken from the checkpoint: they name this invocation, not the run.
 NOT_RESTORED = frozenset({"resume", "pretrained", "init_from", "evaluate", "packed", "output_dir", "data",
-                          "download", "data_layout"})
+                          "download", "data_layout", "start_epoch"})
 
 
 def _comparable(value: Any) -> Any:

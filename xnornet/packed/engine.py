@@ -10,7 +10,10 @@ Per block, in the packed module:
 
 - XNOR blocks: ``sign(bn(x))`` is ``x >= t`` with the exact float32 threshold of
   :func:`~xnornet.packed.pack.sign_thresholds`, fused with the bit packing; then
-  ``relu(alpha * dot + bias)`` with ``dot`` from XNOR-popcount (eq. 13, 14).
+  ``relu(alpha * dot + bias)`` with ``dot`` from XNOR-popcount (eq. 13, 14). In a
+  channel whose BatchNorm scale is negative (AlexNet leaves its scales unclamped)
+  ``x >= t`` is the inverted sign and the stored weights of that channel are
+  inverted too, so every product, and ``dot``, is unchanged.
 - XNOR blocks with the activation scale K (eq. 12): the BatchNorm output is
   computed in float (K needs it), K by the block's own ``scale_map``, then
   ``relu(alpha * dot * K + bias)``.
@@ -35,7 +38,9 @@ from ..cli import UserError
 from ..layers import BinConv2d
 from . import kernels
 from .pack import (
-    clamped_batchnorm,
+    block_batchnorm,
+    decreasing_channels,
+    flip_input_signs,
     integer_limits,
     merges_kernel_rows,
     pack_dense,
@@ -189,7 +194,8 @@ class PackedBinConv2d(nn.Module):
     """Inference-only replacement of a :class:`BinConv2d` block (see the module docstring).
 
     Buffers (what the packed file stores): ``weight_bits`` (the dense sign bits of
-    :mod:`~xnornet.packed.pack`, int64 words) and
+    :mod:`~xnornet.packed.pack`, int64 words; in an XNOR block, inverted for the input
+    channels whose BatchNorm scale is negative, :func:`~xnornet.packed.pack.flip_input_signs`) and
 
     - the input side: ``threshold`` [C] float32, the exact sign thresholds (XNOR
       blocks fed a float tensor); none for a block fed bits by the previous one;
@@ -289,8 +295,14 @@ class PackedBinConv2d(nn.Module):
         layer = block.weight_layer
         signs, alpha = weight_signs_and_alpha(layer.weight)
         bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(config.output_channels)
-        bn = clamped_batchnorm(block.bn)
-        threshold = torch.from_numpy(sign_thresholds(bn)) if config.kind == XNOR else None
+        bn = block_batchnorm(block)
+        threshold = None
+        if config.kind == XNOR:
+            # A negative BatchNorm scale (networks without a scale floor) flips a channel's
+            # comparison; the weights reading that channel are inverted to match.
+            decreasing = decreasing_channels(bn)
+            threshold = torch.from_numpy(sign_thresholds(bn, decreasing=decreasing))
+            signs = flip_input_signs(signs, _feature_mask(config, decreasing), config.groups)
         return cls(config, torch.from_numpy(pack_dense(signs).view(np.int64)), torch.from_numpy(alpha),
                    bias.clone(), threshold=threshold, bn=None if config.kind == XNOR else bn)
 
@@ -399,6 +411,14 @@ class PackedBinConv2d(nn.Module):
         else:
             out = F.conv2d(x, self._float_weight, self.bias, c.stride, c.padding, 1, c.groups)
         return F.relu(out)
+
+
+def _feature_mask(config: BlockConfig, channel_mask: np.ndarray) -> np.ndarray:
+    """A per-BatchNorm-channel mask as one value per input feature of the weight: repeated
+    over the ``size`` positions of each channel for a linear block that flattens a map."""
+    if config.linear and config.previous_conv:
+        return np.repeat(channel_mask, config.size)
+    return channel_mask
 
 
 class PackedMaxPool2d(nn.MaxPool2d):
@@ -566,9 +586,12 @@ def apply_fusion(model: nn.Module, plan: FusionPlan, source: Optional[nn.Module]
     if source is not None:
         for block_name, chain in plan.folded.items():
             block = model.get_submodule(block_name)
-            monotone = nn.Sequential(*[copy.deepcopy(source.get_submodule(name)).eval() for name in chain],
-                                     clamped_batchnorm(source.get_submodule(block_name).bn))
-            threshold = sign_thresholds(monotone, block.config.bn_channels, spatial=not block.config.linear)
+            own_bn = block_batchnorm(source.get_submodule(block_name))
+            monotone = nn.Sequential(*[copy.deepcopy(source.get_submodule(name)).eval() for name in chain], own_bn)
+            # The folded modules are non-decreasing: the chain decreases where the block's BatchNorm
+            # does, the channels whose weights from_block inverted.
+            threshold = sign_thresholds(monotone, block.config.bn_channels, spatial=not block.config.linear,
+                                        decreasing=decreasing_channels(own_bn))
             _rebuild(model, block_name, threshold=torch.from_numpy(threshold))
         for producer_name, (consumer_name, _) in plan.bit_outputs.items():
             producer, consumer = model.get_submodule(producer_name), model.get_submodule(consumer_name)

@@ -9,7 +9,9 @@ order ``[O, C_in/groups, KH, KW]`` (``[O, F]`` for a linear block), flattened an
 packed into little-endian 64-bit words, bit ``i`` of the stream being bit ``i % 64``
 of word ``i // 64``; the last word is padded with 0 bits. Each row (one output
 filter) is contiguous along the reduction dimension. The runtime layout used by the
-kernels (:mod:`xnornet.packed.kernels`) is rebuilt from it at load time.
+kernels (:mod:`xnornet.packed.kernels`) is rebuilt from it at load time. In an XNOR
+block, the signs that read an input channel whose BatchNorm scale is negative are
+stored inverted, to go with that channel's inverted comparison (:func:`flip_input_signs`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn as nn
 
 from ..binarize import binary_sign
 from ..binop import center_and_clamp, filter_alpha
-from ..layers import BN_SCALE_FLOOR
+from ..layers import ConvBlock
 from .kernels import WORD_BITS
 
 
@@ -171,50 +173,99 @@ def _positive_after(fn: nn.Module, values: np.ndarray, spatial: bool, layout: st
     return positive[:, 0].numpy()
 
 
-def clamped_batchnorm(bn: nn.Module) -> nn.Module:
-    """An eval-mode copy of a block's BatchNorm with the scale clamped like ConvBlock.forward does."""
-    bn = copy.deepcopy(bn).eval()
-    with torch.no_grad():
-        bn.weight.clamp_(min=BN_SCALE_FLOOR)
+def block_batchnorm(block: ConvBlock) -> nn.Module:
+    """An eval-mode copy of a block's BatchNorm as its forward pass applies it: with the scale
+    clamped to the block's ``bn_scale_floor`` where it has one (LeNet-5, NIN), as it is otherwise."""
+    bn = copy.deepcopy(block.bn).eval()
+    if block.bn_scale_floor is not None:
+        with torch.no_grad():
+            bn.weight.clamp_(min=block.bn_scale_floor)
     return bn
 
 
-def sign_thresholds(bn: nn.Module, channels: Optional[int] = None, spatial: Optional[bool] = None) -> np.ndarray:
+def decreasing_channels(bn: nn.Module) -> np.ndarray:
+    """Per channel, whether the BatchNorm's output decreases as its input grows (a negative scale)."""
+    if getattr(bn, "weight", None) is None:
+        return np.zeros(bn.num_features, dtype=bool)
+    return (bn.weight.detach().cpu() < 0).numpy()
+
+
+def flip_input_signs(signs: np.ndarray, flipped: np.ndarray, groups: int) -> np.ndarray:
+    """``signs`` (``[O, C_in/groups, KH, KW]`` or linear ``[O, F]``) with the weights that read a
+    ``flipped`` input channel (bool ``[C_in]`` or ``[F]``) inverted.
+
+    For a channel whose BatchNorm has a negative scale the packed input bit is the inverted sign,
+    ``x >= t`` meaning ``sign(bn(x)) = -1`` (:func:`sign_thresholds`); inverting the weights that
+    read it keeps every product, and so the dot product and the padding correction, unchanged.
+    """
+    flipped = np.asarray(flipped, dtype=bool)
+    out_channels, per_group_in = signs.shape[:2]
+    if flipped.size != groups * per_group_in:
+        raise ValueError(f"{flipped.size} input channels to flip, but the weight reads {groups * per_group_in}")
+    if not flipped.any():
+        return signs
+    per_filter = np.repeat(flipped.reshape(groups, per_group_in), out_channels // groups, axis=0)  # [O, C_g]
+    return signs ^ per_filter.reshape(per_filter.shape + (1,) * (signs.ndim - 2))
+
+
+def sign_thresholds(bn: nn.Module, channels: Optional[int] = None, spatial: Optional[bool] = None,
+                    decreasing: Optional[np.ndarray] = None) -> np.ndarray:
     """Per channel, the smallest float32 ``t`` with ``bn(t) >= 0`` (``bn`` evaluated by PyTorch itself).
 
-    ``bn`` must already be clamped (:func:`clamped_batchnorm`): with a positive
-    scale the float BatchNorm is monotone in its input, so for every float32 ``x``
-    ``binary_sign(bn(x)) == +1`` exactly when ``x >= t``. The threshold is found by
-    bisection over the float32 values in order, and checked in three tensor
-    layouts, so the comparison reproduces the float simulation bit for bit (a
-    threshold derived by algebra, ``mean - beta * std / gamma``, can be off by one
-    rounding step).
+    ``bn`` is the BatchNorm as the block applies it (:func:`block_batchnorm`). With a
+    non-negative scale the float BatchNorm is non-decreasing in its input, so for every
+    float32 ``x`` ``binary_sign(bn(x)) == +1`` exactly when ``x >= t``. For the channels
+    marked ``decreasing`` (a negative scale, :func:`decreasing_channels`; only networks
+    without a scale floor have them) the comparison flips: ``t`` is then the smallest
+    float32 with ``bn(t) < 0``, and ``x >= t`` means ``binary_sign(bn(x)) == -1``; the
+    block inverts the weights of those channels to match (:func:`flip_input_signs`).
+    The threshold is found by bisection over the float32 values in order, and checked
+    in three tensor layouts, so the comparison reproduces the float simulation bit for
+    bit (a threshold derived by algebra, ``mean - beta * std / gamma``, can be off by
+    one rounding step). ``+inf`` marks a channel that no finite input turns on. (A zero
+    scale makes a channel constant for finite inputs and NaN at +-inf, where no threshold
+    can follow it: such a channel is exact for finite inputs only.)
 
-    ``bn`` may be any per-channel non-decreasing module (e.g. a Sequential of
-    BatchNorm with a non-negative scale, ReLU and a block's clamped BatchNorm);
-    then give its ``channels`` and whether it takes ``[N, C, H, W]`` (``spatial``).
+    ``bn`` may be any per-channel monotone module (e.g. a Sequential of BatchNorm with a
+    non-negative scale, ReLU and a block's BatchNorm), non-decreasing except in the
+    ``decreasing`` channels; then give its ``channels`` and whether it takes
+    ``[N, C, H, W]`` (``spatial``).
     """
     channels = bn.num_features if channels is None else channels
     spatial = isinstance(bn, nn.BatchNorm2d) if spatial is None else spatial
-    low = np.full(channels, _ordered_keys(np.array([-np.inf], np.float32))[0])
-    high = np.full(channels, _ordered_keys(np.array([np.inf], np.float32))[0])
-    # Invariant: bn(value(high)) >= 0 and, unless low is -inf, bn(value(low)) < 0.
-    low_positive = _positive_after(bn, _from_keys(low), spatial)
+    flip = np.zeros(channels, dtype=bool) if decreasing is None else np.asarray(decreasing, dtype=bool)
+    if flip.shape != (channels,):
+        raise ValueError(f"decreasing has shape {flip.shape}, expected ({channels},)")
+
+    def on(values: np.ndarray, layout: str = "small") -> np.ndarray:
+        """Whether the packed bit is 1: ``bn >= 0``, or ``bn < 0`` in the decreasing channels."""
+        return _positive_after(bn, values, spatial, layout) ^ flip
+
+    biggest = np.finfo(np.float32).max
+    infinity = _ordered_keys(np.array([-np.inf, np.inf], np.float32))
+    # Searched over the finite floats: at +-inf a BatchNorm of zero scale gives NaN, which would
+    # otherwise decide the threshold of a channel that is constant for every finite input.
+    low = np.full(channels, _ordered_keys(np.array([-biggest], np.float32))[0])
+    high = np.full(channels, infinity[1])
+    # Invariant: the bit is 0 at value(low) (unless low_on), and 1 at value(high) or high is +inf.
+    low_on = on(_from_keys(low))
+    if (low_on & ~on(np.full(channels, biggest, np.float32))).any():
+        raise RuntimeError("BatchNorm threshold search: a channel is on at -max but not at +max "
+                           "(a negative scale not marked as decreasing?)")
     while True:
-        open_interval = (high - low > 1) & ~low_positive
+        open_interval = (high - low > 1) & ~low_on
         if not open_interval.any():
             break
         middle = np.where(open_interval, low + (high - low) // 2, high)
-        positive = _positive_after(bn, _from_keys(middle), spatial)
-        high = np.where(open_interval & positive, middle, high)
-        low = np.where(open_interval & ~positive, middle, low)
-    keys = np.where(low_positive, low, high)
+        is_on = on(_from_keys(middle))
+        high = np.where(open_interval & is_on, middle, high)
+        low = np.where(open_interval & ~is_on, middle, low)
+    keys = np.where(low_on, infinity[0], high)  # on everywhere: -inf
     thresholds = _from_keys(keys)
     below = _from_keys(keys - 1)
+    never = np.isposinf(thresholds)  # no finite input gives 1 (e.g. a zero scale, a negative shift)
     for layout in ("small", "batch", "channels_last"):
-        if not _positive_after(bn, thresholds, spatial, layout).all() or (
-            _positive_after(bn, below, spatial, layout) & ~low_positive
-        ).any():
+        if not (on(thresholds, layout) | never | low_on).all() or (on(below, layout) & ~low_on).any():
             raise RuntimeError(f"BatchNorm threshold search is inconsistent in the {layout!r} layout")
     return thresholds
 
