@@ -1,6 +1,6 @@
 """Check the packed engine against the float simulation on the real MNIST test set.
 
-    python -m xnornet.packed.verify_mnist --checkpoint MNIST/models/LeNet_5.pth --data /work/shared/data
+    python -m xnornet.packed.verify_mnist --checkpoint MNIST/models/LeNet_5.pth --data DIR
 
 Runs the 10,000 test images through (1) the simulated model (BinOp binarization +
 float convolutions), (2) the packed model in memory and (3) the packed model
