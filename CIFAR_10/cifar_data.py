@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from xnornet.cli import UserError
+from xnornet.cli import UserError, one_line
 from xnornet.download import torchvision_download
 
 LOG = logging.getLogger("xnornet")
@@ -198,7 +198,7 @@ def read_py_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
         data = np.asarray(_entry(batch, "data"))
         labels = np.asarray(_entry(batch, "labels"))
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
-        raise UserError(f"{path} is not a CIFAR-10 python batch ({str(err)[:200]}); {LAYOUT_HELP}") from None
+        raise UserError(f"{path} is not a CIFAR-10 python batch ({one_line(str(err), 200)}); {LAYOUT_HELP}") from None
     except KeyError as err:
         raise UserError(f"{path} is not a CIFAR-10 python batch (no {err} entry); {LAYOUT_HELP}") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != PIXELS:
@@ -214,7 +214,7 @@ def read_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, pickle.UnpicklingError) as err:
-        raise UserError(f"{path} is not a readable numpy array file ({str(err)[:200]}); {LAYOUT_HELP}") from None
+        raise UserError(f"{path} is not a readable numpy array file ({one_line(str(err), 200)}); {LAYOUT_HELP}") from None
 
 
 def read_npy_split(folder: Path, split: str) -> Tuple[np.ndarray, np.ndarray]:

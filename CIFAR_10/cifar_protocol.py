@@ -25,6 +25,7 @@ from cifar_data import RawCifar
 from gcn_zca import cached_gcn_zca
 from xnornet.augment import random_crop_flip
 from xnornet.cli import UserError
+from xnornet.recipe import subset_size
 
 LOG = logging.getLogger("xnornet")
 
@@ -52,14 +53,6 @@ def channel_stats(images: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
     return pixels.mean(dim=1).float(), pixels.std(dim=1, correction=0).float()
 
 
-def _subset(count: Optional[int], total: int, flag: str, what: str) -> int:
-    if count is None:
-        return total
-    if count > total:
-        raise UserError(f"{flag} {count} exceeds the {total} {what} images of the data set")
-    return count
-
-
 def prepare(
     raw: RawCifar,
     protocol: str,
@@ -78,8 +71,8 @@ def prepare(
     ``holdout`` moves the last N images of the (subset of the) training set into
     ``holdout_images`` / ``holdout_labels``, normalized like the test images.
     """
-    n_train = _subset(train_subset, len(raw.train_labels), "--train-subset", "training")
-    n_test = _subset(test_subset, len(raw.test_labels), "--test-subset", "test")
+    n_train = subset_size(train_subset, len(raw.train_labels), "--train-subset", "training")
+    n_test = subset_size(test_subset, len(raw.test_labels), "--test-subset", "test")
     if holdout >= n_train:
         raise UserError(f"--holdout {holdout} leaves no training image of the {n_train}")
     n_fit = n_train - holdout

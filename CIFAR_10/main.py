@@ -20,10 +20,18 @@ from cifar_data import FORMATS, download, load_cifar10
 from cifar_protocol import PROTOCOLS, prepare
 from nin import ARCHITECTURES, build_model
 from xnornet.cache import CACHE_ENV, check_outside, resolve_cache_dir
-from xnornet.cli import ArgumentParser, non_negative_int, positive_int, run_cli, setup_logging
+from xnornet.cli import ArgumentParser, UserError, positive_int, run_cli, setup_logging
 from xnornet.distributed import init_distributed
-from xnornet.engine import epoch_seed, iterate_tensors
-from xnornet.recipe import add_common_args, precision, restore_run_args, run_recipe
+from xnornet.engine import epoch_seed, iterate_tensors, train_batch_count
+from xnornet.recipe import (
+    add_arch_arg,
+    add_common_args,
+    add_data_args,
+    check_run_inputs,
+    precision,
+    restore_run_args,
+    run_recipe,
+)
 
 RECIPE_DIR = Path(__file__).resolve().parent
 LOG = logging.getLogger("xnornet")
@@ -44,47 +52,50 @@ PRESET_DESCRIPTIONS = {
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="XNOR-Net Network-in-Network on CIFAR-10 "
                                         "(Adam, lr x0.1 at epochs 120, 200, 240, 280)")
-    parser.add_argument("--arch", default="nin", choices=sorted(ARCHITECTURES),
-                        help="nin = XNOR (2017), nin_float = float counterpart, nin_bwn = binary weights only, "
-                             "nin_K = XNOR with the activation scale K (default: nin)")
-    group = parser.add_argument_group("data")
-    group.add_argument("--data", type=Path, default=Path("./data"), metavar="DIR",
-                       help="folder holding cifar-10-batches-py/, cifar-10-batches-bin/ or the 2017 arrays "
-                            "train_data, train_labels, test_data, test_labels (default: ./data)")
+    add_arch_arg(parser, ARCHITECTURES, "nin",
+                 "nin = XNOR (2017), nin_float = float counterpart, nin_bwn = binary weights only, "
+                 "nin_K = XNOR with the activation scale K")
+    group = add_data_args(parser, data_help="folder holding cifar-10-batches-py/, cifar-10-batches-bin/ or the 2017 "
+                                            "arrays train_data, train_labels, test_data, test_labels",
+                          download_help="fetch the python version into --data with torchvision first",
+                          test_batch_size=100, tensor_data=True)
     group.add_argument("--data-format", default="auto", choices=FORMATS,
                        help="which layout to read; auto = the first found of npy, py, bin (default: auto)")
-    group.add_argument("--download", action="store_true",
-                       help="fetch the python version into --data with torchvision first")
     group.add_argument("--protocol", default="seed", choices=PROTOCOLS,
-                       help="seed = GCN+ZCA, no augmentation (2017); standard = per-channel mean/std, "
-                            "random crop 32 (padding 4) and horizontal flip (default: seed)")
+                       help="seed = GCN+ZCA, no augmentation (2017), fitted on all training images (--holdout "
+                            "ones included); standard = per-channel mean/std, random crop 32 (padding 4) and "
+                            "horizontal flip (default: seed)")
     group.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                        help=f"where the GCN+ZCA result is cached (default: ${CACHE_ENV} or ~/.cache/xnornet)")
-    group.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
-                       help="train on the first N training images only (default: all)")
-    group.add_argument("--test-subset", type=positive_int, default=None, metavar="N",
-                       help="test on the first N test images only (default: all)")
-    group.add_argument("--holdout", type=non_negative_int, default=0, metavar="N",
-                       help="hold the last N training images out of training and report their accuracy after "
-                            "every epoch (holdout_acc in the log), for choosing a recipe without the test set; "
-                            "the GCN+ZCA is still fitted on all training images (default: 0)")
     group.add_argument("--crop-flip", action=argparse.BooleanOptionalAction, default=None,
                        help="augment training images by a random crop 32 of the image padded by 4 (zeros) and a "
                             "horizontal flip (default: on for --protocol standard, off for seed, as in 2017)")
-    group.add_argument("--test-batch-size", type=positive_int, default=100, metavar="N",
-                       help="test batch size (default: 100)")
-    group = parser.add_argument_group("schedule and device")
+    group = parser.add_argument_group("schedule")
     group.add_argument("--milestones", type=positive_int, nargs="+", default=list(MILESTONES), metavar="E",
-                       help="epochs at which the learning rate is multiplied by 0.1 (default: 120 200 240 280)")
-    group.add_argument("--cpu", "--no-cuda", dest="cpu", action="store_true",
-                       help="run on the CPU even if CUDA is available")
+                       help="epochs at which the learning rate is multiplied by 0.1, in increasing order; with "
+                            "--lr-schedule step a milestone past --epochs only warns, as it would apply once a "
+                            "--resume raises --epochs (default: 120 200 240 280)")
     add_common_args(parser, epochs=319, lr=0.01, weight_decay=1e-5, batch_size=128)
     parser.add_presets(PRESETS, default="2017", descriptions=PRESET_DESCRIPTIONS)
     return parser
 
 
+def check_milestones(args: argparse.Namespace) -> None:
+    """--milestones must increase; with the step schedule, milestones past --epochs are reported
+    (a warning, not an error: a --resume that raises --epochs reaches them)."""
+    milestones = list(args.milestones)
+    if any(later <= earlier for earlier, later in zip(milestones, milestones[1:])):
+        raise UserError(f"--milestones {' '.join(map(str, milestones))} must be increasing")
+    late = [m for m in milestones if m > args.epochs]
+    if late and args.lr_schedule == "step" and not args.evaluate:
+        LOG.warning("warning: --milestones %s: past --epochs %d, so the learning rate never drops there in this run",
+                    " ".join(map(str, late)), args.epochs)
+
+
 def main(args: argparse.Namespace) -> dict:
     args = restore_run_args(args)  # --resume continues the run's own recipe
+    check_run_inputs(args, RECIPE_DIR, architectures=ARCHITECTURES)
+    check_milestones(args)
     torch.manual_seed(args.seed)
     use_cuda = torch.cuda.is_available() and not args.cpu
     dist_info = init_distributed(use_cuda=use_cuda)
@@ -121,7 +132,7 @@ def main(args: argparse.Namespace) -> dict:
                 return augment(batch, generator)
 
         return iterate_tensors(data.train_images, data.train_labels, args.batch_size,
-                               generator=generator, transform=transform)
+                               generator=generator, transform=transform, drop_single_last=True)
 
     def test_batches():
         return iterate_tensors(data.test_images, data.test_labels, args.test_batch_size)
@@ -133,7 +144,7 @@ def main(args: argparse.Namespace) -> dict:
         args,
         model=model,
         train_batches=train_batches,
-        num_train_batches=-(-len(data.train_labels) // args.batch_size),
+        num_train_batches=train_batch_count(len(data.train_labels), args.batch_size),
         test_batches=test_batches,
         milestones=args.milestones,
         dist_info=dist_info,

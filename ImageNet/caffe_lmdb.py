@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from caffe_proto import BlobProto, Datum, DecodeError
-from xnornet.cli import UserError
+from xnornet.cli import UserError, one_line
 
 TRAIN_LMDB = "ilsvrc12_train_lmdb"
 VAL_LMDB = "ilsvrc12_val_lmdb"
@@ -47,7 +47,7 @@ def open_lmdb(path: Path) -> lmdb.Environment:
         return lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False,
                          subdir=path.is_dir())
     except lmdb.Error as err:
-        raise UserError(f"{str(path)!r} is not an LMDB database ({str(err).strip()[:200]})") from None
+        raise UserError(f"{str(path)!r} is not an LMDB database ({one_line(str(err), 200)})") from None
 
 
 def read_mean(path: Path) -> torch.Tensor:

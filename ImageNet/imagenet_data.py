@@ -24,16 +24,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 
 from caffe_lmdb import MEAN_FILE, TRAIN_LMDB, VAL_LMDB, CaffeLMDB, read_mean
 from xnornet.cli import UserError
 from xnornet.distributed import DistInfo
-from xnornet.engine import epoch_seed
+from xnornet.engine import epoch_seed, train_batch_count
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 STD_2017 = (1.0 / 255.0,) * 3  # as the 2017 code had it: Normalize divides by 1/255
@@ -124,13 +124,33 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+class TrainBatchSampler(BatchSampler):
+    """Batches of ``batch_size`` indices of ``sampler``, the last one left out when it holds a
+    single sample (BatchNorm cannot train on one): :func:`xnornet.engine.train_batch_count`
+    batches, the same on every rank (the DistributedSampler gives each rank as many samples)."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int) -> None:
+        super().__init__(sampler, batch_size, drop_last=False)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for batch in super().__iter__():
+            if len(batch) > 1 or self.batch_size == 1:
+                yield batch
+
+    def __len__(self) -> int:
+        return train_batch_count(len(self.sampler), self.batch_size)
+
+
 def make_loaders(
-    data: ImageNetData, *, batch_size: int, workers: int, seed: int, dist_info: DistInfo, shuffle: bool = True
+    data: ImageNetData, *, batch_size: int, workers: int, seed: int, dist_info: DistInfo, shuffle: bool = True,
+    test_batch_size: Optional[int] = None,
 ) -> Tuple[DataLoader, DistributedSampler, DataLoader]:
     """Training loader (+ its sampler, for ``set_epoch``) and validation loader of one rank.
 
-    ``batch_size`` is per rank. The training order depends only on (seed, epoch) with
-    ``shuffle``; without, it is the dataset's own order every epoch (module docstring).
+    ``batch_size`` (and ``test_batch_size``, default ``batch_size``) is per rank. The training
+    order depends only on (seed, epoch) with ``shuffle``; without, it is the dataset's own
+    order every epoch (module docstring). A last training batch of one sample is left out
+    (:class:`TrainBatchSampler`).
     """
     if len(data.val) < dist_info.world_size:
         raise UserError(f"the validation set has {len(data.val)} images, fewer than the {dist_info.world_size} "
@@ -138,11 +158,11 @@ def make_loaders(
     pin = dist_info.device.type == "cuda"
     train_sampler = DistributedSampler(data.train, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                        shuffle=shuffle, seed=seed, drop_last=False)
-    train_loader = DataLoader(data.train, batch_size=batch_size, sampler=train_sampler, num_workers=workers,
-                              pin_memory=pin, drop_last=False)
+    train_loader = DataLoader(data.train, batch_sampler=TrainBatchSampler(train_sampler, batch_size),
+                              num_workers=workers, pin_memory=pin)
     val_sampler = ShardSampler(len(data.val), dist_info.rank, dist_info.world_size)
-    val_loader = DataLoader(data.val, batch_size=batch_size, sampler=val_sampler, num_workers=workers,
-                            pin_memory=pin)
+    val_loader = DataLoader(data.val, batch_size=test_batch_size or batch_size, sampler=val_sampler,
+                            num_workers=workers, pin_memory=pin)
     return train_loader, train_sampler, val_loader
 
 
@@ -156,10 +176,10 @@ def one_line_worker_errors(batches: Iterable) -> Iterator:
         raise UserError(last_line.split("UserError: ", 1)[-1]) from None
 
 
-def per_rank_batch_size(batch_size: int, world_size: int) -> int:
-    """``-b`` is the total batch over all processes (as with the 2017 DataParallel)."""
+def per_rank_batch_size(batch_size: int, world_size: int, flag: str = "--batch-size") -> int:
+    """``-b`` (and ``--test-batch-size``) is the total batch over all processes (as with the 2017 DataParallel)."""
     if batch_size % world_size:
-        raise UserError(f"--batch-size {batch_size} is not divisible by the {world_size} processes")
+        raise UserError(f"{flag} {batch_size} is not divisible by the {world_size} processes")
     return batch_size // world_size
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
@@ -48,11 +49,22 @@ from xnornet.cli import (
     run_cli,
     setup_logging,
 )
-from xnornet.distributed import DistInfo, cleanup_distributed, init_distributed
-from xnornet.recipe import add_common_args, precision, restore_run_args, run_recipe
+from xnornet.distributed import DistInfo, cleanup_distributed, init_distributed, world_size_from_env
+from xnornet.recipe import (
+    add_arch_arg,
+    add_common_args,
+    add_data_args,
+    check_run_inputs,
+    precision,
+    restore_run_args,
+    run_recipe,
+)
 
 RECIPE_DIR = Path(__file__).resolve().parent
 LOG = logging.getLogger("xnornet")
+
+#: --workers' default on a machine with at least this many CPUs.
+MAX_WORKERS = 8
 
 #: notes eq. (11): the 2017 ImageNet code multiplied the corrected weight gradient (already
 #: scaled by n(1 - 1/C_in)) by a further 1e9.
@@ -95,45 +107,47 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = RecipeArgumentParser(
         description="XNOR-Net AlexNet on ImageNet (Adam, lr / 10 every --lr-epochs epochs; defaults: the 2017 run "
                     "made on the chosen data layout, see --recipe)")
-    parser.add_argument("--arch", "-a", default="alexnet", choices=sorted(ARCHITECTURES),
-                        help="alexnet = XNOR (2017), alexnet_float = float counterpart, alexnet_bwn = binary "
-                             "weights only, alexnet_K = XNOR with the activation scale K (default: alexnet)")
-    parser.add_argument("--data", type=Path, default=Path("./data"), metavar="DIR",
-                        help="DIR/train and DIR/val class folders, or with --caffe-data DIR/ilsvrc12_{train,val}_lmdb "
-                             "and DIR/imagenet_mean.binaryproto (default: ./data)")
-    parser.add_argument("--caffe-data", action="store_true",
-                        help="read the Caffe LMDB layout (BGR minus the mean image) instead of image folders (RGB)")
-    parser.add_argument("-j", "--workers", type=non_negative_int, default=8, metavar="N",
-                        help="data loading worker processes per GPU/process (default: 8)")
-    parser.add_argument("--start-epoch", type=positive_int, default=None, metavar="N",
-                        help="first epoch to train, 1-based as in the logs (default: 1, or the epoch after a "
-                             "--resume checkpoint's); the 2017 code counted from 0, so its N is our N+1")
-    parser.add_argument("--lr-epochs", type=positive_int, default=PRESETS[TORCHVISION_RUN]["lr_epochs"], metavar="N",
-                        help="divide the learning rate by 10 every N epochs: lr = lr0 * 0.1 ** ((epoch - 1) // N) "
-                             "(default: from --recipe, 25 for 2017-caffe: milestones 26, 51, 76; 30 for "
-                             "2017-torchvision: 31, 61, 91)")
-    parser.add_argument("--init-scale", type=positive_float, default=PRESETS[TORCHVISION_RUN]["init_scale"],
-                        metavar="S",
-                        help="initial Conv2d/Linear weights ~ N(0, std S/c), c = elements per output filter "
-                             "(default: from --recipe, 1 for 2017-caffe, 2 for 2017-torchvision)")
-    parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction,
-                        default=PRESETS[TORCHVISION_RUN]["shuffle"],
-                        help="reshuffle the training set every epoch; --no-shuffle reads it in its stored order "
-                             "every epoch (default: from --recipe, off for 2017-caffe, on for 2017-torchvision)")
-    parser.add_argument("--input-size", type=positive_int, default=INPUT_SIZE, metavar="N",
-                        help=f"crop size fed to the network (default: {INPUT_SIZE}; the smallest is "
-                             f"{smallest_input_size()}, for smoke tests)")
-    parser.add_argument("--resize", type=positive_int, default=256, metavar="N",
-                        help="image folders only: resize every image to N x N before cropping (default: 256)")
-    parser.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
-                        help="number of classes (default: the number of class folders; 1000 with --caffe-data)")
-    parser.add_argument("--hidden-features", type=positive_int, default=HIDDEN_FEATURES, metavar="N",
-                        help=f"width of the two hidden classifier layers (default: {HIDDEN_FEATURES} as in 2017; "
-                             "smaller only for smoke tests)")
-    parser.add_argument("--legacy-grad-multiplier", action="store_true",
-                        help="multiply the corrected weight gradient by a further 1e9, on top of "
-                             "--grad-scale, like the 2017 ImageNet code (notes eq. 11)")
-    parser.add_argument("--no-cuda", action="store_true", help="run on the CPU even if CUDA is available")
+    add_arch_arg(parser, ARCHITECTURES, "alexnet",
+                 "alexnet = XNOR (2017), alexnet_float = float counterpart, alexnet_bwn = binary weights only, "
+                 "alexnet_K = XNOR with the activation scale K")
+    group = add_data_args(parser, data_help="DIR/train and DIR/val class folders, or with --caffe-data "
+                                            "DIR/ilsvrc12_{train,val}_lmdb and DIR/imagenet_mean.binaryproto",
+                          test_batch_size=None)
+    group.add_argument("--caffe-data", action="store_true",
+                       help="read the Caffe LMDB layout (BGR minus the mean image) instead of image folders (RGB)")
+    group.add_argument("-j", "--workers", type=non_negative_int, default=default_workers(), metavar="N",
+                       help=f"data loading worker processes per GPU/process (default: min({MAX_WORKERS}, the CPUs "
+                            "this process may use))")
+    group.add_argument("--input-size", type=positive_int, default=INPUT_SIZE, metavar="N",
+                       help=f"crop size fed to the network (default: {INPUT_SIZE}; the smallest is "
+                            f"{smallest_input_size()}, for smoke tests)")
+    group.add_argument("--resize", type=positive_int, default=256, metavar="N",
+                       help="image folders only: resize every image to N x N before cropping; at least "
+                            "--input-size (default: 256)")
+    group.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
+                       help="number of classes (default: the number of class folders; 1000 with --caffe-data)")
+    group.add_argument("--shuffle", action=argparse.BooleanOptionalAction,
+                       default=PRESETS[TORCHVISION_RUN]["shuffle"],
+                       help="reshuffle the training set every epoch; --no-shuffle reads it in its stored order "
+                            "every epoch (default: from --recipe, off for 2017-caffe, on for 2017-torchvision)")
+    group = parser.add_argument_group("schedule and model")
+    group.add_argument("--start-epoch", type=positive_int, default=None, metavar="N",
+                       help="first epoch to train, 1-based as in the logs (default: 1, or the epoch after a "
+                            "--resume checkpoint's); the 2017 code counted from 0, so its N is our N+1")
+    group.add_argument("--lr-epochs", type=positive_int, default=PRESETS[TORCHVISION_RUN]["lr_epochs"], metavar="N",
+                       help="divide the learning rate by 10 every N epochs: lr = lr0 * 0.1 ** ((epoch - 1) // N) "
+                            "(default: from --recipe, 25 for 2017-caffe: milestones 26, 51, 76; 30 for "
+                            "2017-torchvision: 31, 61, 91)")
+    group.add_argument("--init-scale", type=positive_float, default=PRESETS[TORCHVISION_RUN]["init_scale"],
+                       metavar="S",
+                       help="initial Conv2d/Linear weights ~ N(0, std S/c), c = elements per output filter "
+                            "(default: from --recipe, 1 for 2017-caffe, 2 for 2017-torchvision)")
+    group.add_argument("--hidden-features", type=positive_int, default=HIDDEN_FEATURES, metavar="N",
+                       help=f"width of the two hidden classifier layers (default: {HIDDEN_FEATURES} as in 2017; "
+                            "smaller only for smoke tests)")
+    group.add_argument("--legacy-grad-multiplier", action="store_true",
+                       help="multiply the corrected weight gradient by a further 1e9, on top of "
+                            "--grad-scale, like the 2017 ImageNet code (notes eq. 11)")
     add_common_args(parser, epochs=100, lr=0.001, weight_decay=PRESETS[TORCHVISION_RUN]["weight_decay"],
                     batch_size=256)
     parser.add_presets(PRESETS, default=TORCHVISION_RUN, descriptions=PRESET_DESCRIPTIONS)
@@ -150,12 +164,27 @@ def grad_multiplier(args: argparse.Namespace) -> float:
     return LEGACY_GRAD_MULTIPLIER if args.legacy_grad_multiplier else 1.0
 
 
+def default_workers() -> int:
+    """``--workers``' default: :data:`MAX_WORKERS`, or fewer on a machine (or CPU set) with fewer CPUs."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on every platform
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cpus))
+
+
 def main(args: argparse.Namespace) -> dict:
     args = restore_run_args(args)  # --resume continues the run's own recipe
+    world_size = world_size_from_env()
+    check_run_inputs(args, RECIPE_DIR, architectures=ARCHITECTURES,
+                     batch_per_process=per_rank_batch_size(args.batch_size, world_size))
     args.grad_multiplier = grad_multiplier(args)
     if feature_map_size(args.input_size) < 1:
         raise UserError(f"--input-size {args.input_size} is too small for AlexNet (smallest: {smallest_input_size()})")
-    use_cuda = torch.cuda.is_available() and not args.no_cuda
+    if not args.caffe_data and args.resize < args.input_size:
+        raise UserError(f"--resize {args.resize} is smaller than --input-size {args.input_size}: "
+                        "the crop must fit in the resized image")
+    use_cuda = torch.cuda.is_available() and not args.cpu
     dist_info = init_distributed(use_cuda)
     try:
         return train_or_evaluate(args, dist_info)
@@ -165,6 +194,8 @@ def main(args: argparse.Namespace) -> dict:
 
 def train_or_evaluate(args: argparse.Namespace, dist_info: DistInfo) -> dict:
     batch_size = per_rank_batch_size(args.batch_size, dist_info.world_size)
+    test_batch_size = (batch_size if args.test_batch_size is None
+                       else per_rank_batch_size(args.test_batch_size, dist_info.world_size, flag="--test-batch-size"))
     amp_dtype, memory_format = precision(args, dist_info.device)
     if dist_info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -173,7 +204,8 @@ def train_or_evaluate(args: argparse.Namespace, dist_info: DistInfo) -> dict:
                          num_classes=args.num_classes)
     LOG.info("%s", data.description)
     train_loader, train_sampler, val_loader = make_loaders(
-        data, batch_size=batch_size, workers=args.workers, seed=args.seed, dist_info=dist_info, shuffle=args.shuffle)
+        data, batch_size=batch_size, workers=args.workers, seed=args.seed, dist_info=dist_info, shuffle=args.shuffle,
+        test_batch_size=test_batch_size)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(args.arch, num_classes=data.num_classes, input_size=args.input_size,

@@ -16,14 +16,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def run_script(script: str, args: Sequence[str], cwd: Path = REPO_ROOT, timeout: float = 300,
                env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    """``python <script> <args>`` from ``cwd``; returns the completed process (text output)."""
+    """``python <script> <args>`` from ``cwd``; returns the completed process (text output).
+
+    ``script`` is a path relative to the repository, or ``-m package.module`` for a module.
+    """
+    target = ["-m", script[3:].strip()] if script.startswith("-m ") else [str(REPO_ROOT / script)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     if env_extra:
         env.update(env_extra)
     return subprocess.run(
-        [sys.executable, str(REPO_ROOT / script), *map(str, args)],
+        [sys.executable, *target, *map(str, args)],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
 

@@ -246,3 +246,15 @@ def test_gpu_benchmark_runs_on_the_cpu(tmp_path):
     for record in results:
         assert record["seconds_per_epoch"] > 0
         assert record["projected_hours_319_epochs"] == pytest.approx(record["seconds_per_epoch"] * 319 / 3600)
+
+
+def test_milestones_must_increase_and_late_ones_are_reported(caplog):
+    recipe = load_main()
+    parse = recipe.get_args_parser().parse_args
+    with pytest.raises(UserError, match="--milestones 300 100 must be increasing"):
+        recipe.check_milestones(parse(["--milestones", "300", "100"]))
+    with caplog.at_level("WARNING", logger="xnornet"):
+        recipe.check_milestones(parse(["--milestones", "2", "5", "--epochs", "3"]))
+        recipe.check_milestones(parse(["--milestones", "5", "--epochs", "3", "--lr-schedule", "cosine"]))
+    assert [r.getMessage() for r in caplog.records] == [
+        "warning: --milestones 5: past --epochs 3, so the learning rate never drops there in this run"]

@@ -83,6 +83,31 @@ def test_load_file_truncated_and_non_dict_and_unsafe_files_are_user_errors(tmp_p
         load_file(unsafe)
 
 
+def test_load_file_messages_keep_their_reason_and_say_what_the_file_is(tmp_path: Path) -> None:
+    """The reason survives in one line (not cut mid-sentence); a directory, a packed .xnor model
+    and an unsafe pickle are each named for what they are."""
+    good = tmp_path / "good.pth"
+    save_atomic({"state_dict": {"w": torch.randn(64, 64)}}, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    messages = {}
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"module": nn.Linear(2, 2)}, unsafe)
+    from safetensors.numpy import save_file
+
+    packed = tmp_path / "model.xnor"
+    save_file({"w": np.zeros(4, dtype=np.uint64)}, str(packed), metadata={"format": "xnornet-packed"})
+    for name, path in (("truncated", truncated), ("directory", tmp_path), ("packed", packed), ("unsafe", unsafe)):
+        with pytest.raises(UserError) as info:
+            load_file(path, "--pretrained checkpoint")
+        messages[name] = str(info.value)
+        assert "\n" not in messages[name] and messages[name].endswith((")", "load_packed", "file")), messages[name]
+    assert "truncated or corrupt" in messages["truncated"]
+    assert "is a directory, not a file" in messages["directory"]
+    assert "packed .xnor model" in messages["packed"] and "--evaluate --packed take the .pth" in messages["packed"]
+    assert "weights_only" in messages["unsafe"] and "torch.nn.modules.linear.Linear" in messages["unsafe"]
+
+
 def test_model_state_from_accepts_2017_dict_and_strips_module_prefix() -> None:
     weight, bias = torch.randn(2, 3), torch.randn(2)
     legacy = {"acc": torch.tensor(99.1), "state_dict": {"module.fc.weight": weight, "module.fc.bias": bias}}

@@ -98,3 +98,57 @@ def test_precise_batchnorm_averages_the_batch_statistics_with_equal_weights() ->
     assert first.momentum == 0.1 and model[1].bn.momentum == 0.1
     for key, value in weights.items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-7)  # nothing trained
+
+
+@pytest.mark.parametrize("count, batch_size, sizes", [
+    (193, 32, [32] * 6),          # a last batch of one sample is left out
+    (194, 32, [32] * 6 + [2]),    # a last batch of two is kept
+    (192, 32, [32] * 6),
+    (1, 4, []),
+    (5, 1, [1] * 5),              # batch 1 (refused for training by the recipes) is not touched
+])
+def test_training_batches_never_end_in_a_single_sample(count: int, batch_size: int, sizes: list) -> None:
+    """BatchNorm cannot train on one sample: iterate_tensors(drop_single_last=True) leaves such
+    a last batch out, and train_batch_count, which the recipes pass as num_train_batches, agrees."""
+    import torch
+
+    from xnornet.engine import iterate_tensors, train_batch_count
+
+    values = torch.arange(count, dtype=torch.float32)
+    for generator in (None, torch.Generator().manual_seed(3)):
+        batches = list(iterate_tensors(values, values.long(), batch_size, generator=generator, drop_single_last=True))
+        assert [len(labels) for _, labels in batches] == sizes
+        assert train_batch_count(count, batch_size) == len(sizes)
+        seen = torch.cat([labels for _, labels in batches]) if batches else torch.empty(0, dtype=torch.long)
+        assert len(set(seen.tolist())) == len(seen)  # no sample twice
+    assert [len(t) for t, _ in iterate_tensors(values, values, batch_size)] == \
+        [min(batch_size, count - begin) for begin in range(0, count, batch_size)]  # test batches: all kept
+
+
+def test_evaluate_reports_progress_with_images_per_second(caplog) -> None:
+    """A progress line at least every log_seconds during the test pass (here 0: after every batch)."""
+    import logging
+
+    import torch
+    import torch.nn as nn
+
+    from xnornet import BinOp
+    from xnornet.engine import evaluate
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(3)]
+    with caplog.at_level(logging.INFO, logger="xnornet"):
+        result = evaluate(model, BinOp(model), batches, nn.CrossEntropyLoss(), device=torch.device("cpu"),
+                          log_seconds=0.0)
+    lines = [r.getMessage() for r in caplog.records if "images/s" in r.getMessage()]
+    assert len(lines) == 3 and lines[-1].startswith("test [3/3] 15 images") and "ETA" in lines[-1]
+    assert result["test_count"] == 15
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="xnornet"):
+        evaluate(model, BinOp(model), iter(batches), nn.CrossEntropyLoss(), device=torch.device("cpu"),
+                 desc="holdout", log_seconds=3600.0)
+    assert not [r for r in caplog.records if "images/s" in r.getMessage()]  # quiet within the interval
+    with caplog.at_level(logging.INFO, logger="xnornet"):
+        evaluate(model, BinOp(model), iter(batches), nn.CrossEntropyLoss(), device=torch.device("cpu"),
+                 desc="holdout", log_seconds=0.0)
+    assert [r.getMessage() for r in caplog.records][-1].startswith("holdout: 15 images")  # no length: no ETA

@@ -159,6 +159,29 @@ def test_training_order_is_the_stored_one_without_shuffle(tmp_path: Path, world_
     assert sorted(i for rank in range(world_size) for i in orders[True, rank, 1]) == list(range(12))
 
 
+@pytest.mark.parametrize("world_size, per_rank, sizes", [
+    (1, 4, [4, 4, 2]),     # 10 records: the last batch of 2 is kept
+    (1, 3, [3, 3, 3]),     # 10 = 3 + 3 + 3 + 1: the single last record is left out
+    (2, 2, [2, 2]),        # 5 records per rank: 2 + 2 + 1, the 1 left out on both ranks
+    (2, 5, [5]),
+])
+def test_no_training_batch_holds_a_single_sample(tmp_path: Path, world_size: int, per_rank: int,
+                                                 sizes: list) -> None:
+    """BatchNorm cannot train on one sample: a last training batch of one is left out (on every
+    rank alike, so that the ranks step together), and len(loader), the recipe's batches per
+    epoch, is the number of batches read; validation keeps every image."""
+    root = make_caffe_lmdb(tmp_path / "caffe", classes=2, train_per_class=5, val_per_class=1)  # 10 training
+    data = load_imagenet(root, caffe=True, crop=CROP, resize=SIZE, num_classes=2)
+    for rank in range(world_size):
+        dist_info = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
+        loader, sampler, val_loader = make_loaders(data, batch_size=per_rank, workers=0, seed=1,
+                                                   dist_info=dist_info, shuffle=True)
+        for epoch in (1, 2):
+            sampler.set_epoch(epoch)
+            assert [len(labels) for _, labels in loader] == sizes and len(loader) == len(sizes)
+        assert sum(len(labels) for _, labels in val_loader) == len(range(rank, 2, world_size))
+
+
 def test_image_folder_values_are_rgb_minus_mean_times_255(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "folder", classes=2, train_per_class=1, val_per_class=1)
     flat = np.full((SIZE, SIZE, 3), (200, 100, 50), dtype=np.uint8)

@@ -4,6 +4,7 @@ defaults (--recipe) and its flags. In-process, CPU."""
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -199,7 +200,9 @@ TORCHVISION_RUN = ("2017-torchvision", 2.0, 30, 3e-6, True)
 def test_defaults_are_the_2017_flags_and_the_run_of_each_data_layout() -> None:
     parser = recipe_main().get_args_parser()
     args = parser.parse_args([])
-    assert (args.arch, args.epochs, args.batch_size, args.lr, args.workers) == ("alexnet", 100, 256, 0.001, 8)
+    cpus = len(os.sched_getaffinity(0))
+    assert (args.arch, args.epochs, args.batch_size, args.lr, args.workers) == ("alexnet", 100, 256, 0.001,
+                                                                                min(8, cpus))
     assert (args.input_size, args.resize, args.caffe_data, args.start_epoch, args.amp) == (227, 256, False, None, None)
     assert run_defaults(args) == TORCHVISION_RUN  # image folders: the final 2017 code's torchvision run
     args = parser.parse_args(["-a", "alexnet_float", "-j", "3", "-b", "64", "-e", "--pretrained", "x.pth",
@@ -208,6 +211,14 @@ def test_defaults_are_the_2017_flags_and_the_run_of_each_data_layout() -> None:
         ("alexnet_float", 3, 64, True, "x.pth")
     assert (args.start_epoch, args.amp, args.caffe_data, args.log_interval) == (26, "bf16", True, 7)
     assert run_defaults(args) == CAFFE_RUN  # the Caffe LMDBs: the run of the 2017 README's 44.87%
+
+
+def test_default_workers_are_at_most_8_and_at_most_the_usable_cpus(monkeypatch) -> None:
+    recipe = recipe_main()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(3)))
+    assert recipe.default_workers() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert recipe.default_workers() == 8
 
 
 def test_the_other_run_and_single_settings_can_be_chosen() -> None:

@@ -76,3 +76,15 @@ def test_bad_record_found_mid_epoch_by_a_worker_is_one_line(tmp_path: Path) -> N
                         "--epochs", 1, "--output-dir", tmp_path / "run"])
     assert str(caught.value) == (f"record '00000011' of {data}/ilsvrc12_train_lmdb: Datum holds 10 data bytes, "
                                  "but channels x height x width = 3 x 72 x 72 = 15552")
+
+
+def test_a_last_training_batch_of_one_image_is_left_out(tmp_path: Path, caplog) -> None:
+    """9 training images in batches of 4: 4, 4 and 1. BatchNorm cannot train on the single
+    image (AlexNet's classifier BatchNorm1d stopped with a traceback): the epoch is 2 steps."""
+    data = make_image_folder(tmp_path / "data", classes=3, train_per_class=3, val_per_class=1)
+    out = tmp_path / "run"
+    with caplog.at_level("INFO", logger="xnornet"):
+        run_in_process(["--data", data, *SMALL_ARGS, "--epochs", 1, "--output-dir", out])
+    _, epoch = read_log(out / "log.jsonl")
+    assert epoch["epoch"] == 1 and epoch["test_count"] == 3
+    assert any("train epoch 1 [2/2]" in record.getMessage() for record in caplog.records)

@@ -237,3 +237,15 @@ def test_non_finite_loss_stops_and_keeps_best(trained_run, mnist_root, tmp_path)
     assert_one_line_error(result, "loss became", "without saving")
     assert (run_dir / "best.pth").read_bytes() == best_before
     assert (run_dir / "last.pth").read_bytes() == last_before
+
+
+def test_subsets_and_holdout_cut_the_tensors(mnist_root, tmp_path):
+    """--train-subset / --test-subset (shared with CIFAR-10) take the first N images; --holdout
+    the last of the training subset."""
+    out = tmp_path / "run"
+    result = run_script(SCRIPT, ["--data", mnist_root, "--epochs", "1", "--output-dir", out, *FAST,
+                                 "--train-subset", "40", "--test-subset", "20", "--holdout", "8"])
+    assert result.returncode == 0, result.stderr
+    (record,) = epoch_records(out / "log.jsonl")
+    assert record["test_count"] == 20 and record["holdout_count"] == 8
+    assert "train epoch 1 [1/1]" in result.stderr  # 32 images left to train on, one batch of 32

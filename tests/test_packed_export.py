@@ -166,3 +166,20 @@ def test_main_evaluate_packed_gives_the_simulated_result(tmp_path: Path) -> None
 
     result = run_script("MNIST/main.py", ["--pretrained", tmp_path / "lenet.pth", "--packed", "--data", tmp_path])
     assert_one_line_error(result, "--packed needs --evaluate")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_packed_files_and_checkpoints_get_the_usual_mode_of_a_new_file(tmp_path: Path, umask: int) -> None:
+    """Both are written through a temporary file (0600 when made) and renamed: each ends with
+    0666 minus the umask, as a file opened for writing would (safetensors replaced its 0600)."""
+    from xnornet.checkpoint import save_atomic
+
+    model = build_arch("LeNet_5").eval()
+    previous = os.umask(umask)
+    try:
+        save_packed(pack_model(model), tmp_path / "m.xnor", arch="LeNet_5")
+        save_atomic({"state_dict": model.state_dict()}, tmp_path / "m.pth")
+    finally:
+        os.umask(previous)
+    for name in ("m.xnor", "m.pth"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .atomic import atomic_file
-from .cli import UserError
+from .cli import UserError, check_file, one_line
 
 FORMAT_NAME = "xnornet-checkpoint"
 FORMAT_VERSION = 1
@@ -46,19 +47,86 @@ def save_atomic(obj: Any, path: PathLike) -> None:
         torch.save(obj, tmp_name)
 
 
+#: The first bytes of a safetensors file (what ``.xnor`` packed models are): an 8-byte
+#: little-endian header length, then the JSON header's opening brace.
+_SAFETENSORS_HEADER_LIMIT = 100_000_000
+
+
+def is_safetensors_file(path: PathLike) -> bool:
+    """Whether ``path`` starts like a safetensors file (a packed ``.xnor`` model), not a checkpoint."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(9)
+    except OSError:
+        return False
+    if len(start) < 9:
+        return False
+    header_bytes = int.from_bytes(start[:8], "little")
+    return 0 < header_bytes < _SAFETENSORS_HEADER_LIMIT and start[8:9] == b"{"
+
+
+def _load_failure(err: BaseException) -> str:
+    """Why ``torch.load`` failed, in one line that keeps the reason."""
+    text = one_line(str(err))
+    if isinstance(err, EOFError) or not text:
+        return "the file is empty or ends early"
+    if "central directory" in text or "PytorchStreamReader" in text:
+        return "it is truncated or corrupt: not a complete PyTorch zip archive"
+    if "Weights only load failed" in text:
+        # The reason follows "WeightsUnpickler error:"; the rest is advice to load unsafely.
+        reason = text.split("WeightsUnpickler error:", 1)[-1].split(" Check the documentation", 1)[0].strip()
+        return f"it holds data that safe loading (weights_only) refuses: {one_line(reason, 160) or 'unknown'}"
+    return one_line(text, 240)
+
+
 def load_file(path: PathLike, what: str = "checkpoint") -> Dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; bad files raise :class:`UserError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {str(path)!r} does not exist")
+    path = check_file(path, what)
+    if is_safetensors_file(path):
+        raise UserError(
+            f"{what} {str(path)!r} is a packed .xnor model (safetensors), not a PyTorch checkpoint: "
+            "--pretrained, --resume and --evaluate --packed take the .pth it was exported from; "
+            "a .xnor file is read by xnornet.packed.load_packed"
+        )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. the pickle-protocol note before a refusal
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  corrupt bytes also raise IndexError, KeyError, struct.error...
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{what} {str(path)!r} is not a readable PyTorch checkpoint ({first_line[:200]})") from None
+        raise UserError(f"{what} {str(path)!r} is not a readable PyTorch checkpoint ({_load_failure(err)})") from None
     if not isinstance(obj, Mapping):
         raise UserError(f"{what} {str(path)!r} holds a {type(obj).__name__}, expected a dict with a state_dict")
     return dict(obj)
+
+
+#: Which recipe trains which networks, by the start of the arch name. The core imports no
+#: recipe, so the prefixes are listed here: every name in MNIST/lenet.py's ARCHITECTURES
+#: starts with LeNet_5, CIFAR_10/nin.py's with nin, ImageNet/alexnet.py's with alexnet.
+RECIPE_OF_ARCH_PREFIX = (
+    ("LeNet_5", "MNIST/main.py"),
+    ("nin", "CIFAR_10/main.py"),
+    ("alexnet", "ImageNet/main.py"),
+)
+
+
+def recipe_of_arch(arch: Optional[str]) -> Optional[str]:
+    """The recipe (``MNIST/main.py``, ...) that trains ``arch``, or None for a name none of them has."""
+    for prefix, recipe in RECIPE_OF_ARCH_PREFIX:
+        if isinstance(arch, str) and arch.startswith(prefix):
+            return recipe
+    return None
+
+
+def arch_mismatch(source: str, found: str, expected: str) -> str:
+    """The message for a checkpoint (``source``, e.g. "--pretrained checkpoint 'x.pth'") of arch
+    ``found`` given to a run of ``expected``: advice that can work (--arch, or the recipe to use)."""
+    found_recipe, own_recipe = recipe_of_arch(found), recipe_of_arch(expected)
+    if found_recipe is not None and found_recipe == own_recipe:
+        return f"{source} was trained as --arch {found}, not {expected}: pass --arch {found}"
+    if found_recipe is not None:
+        return (f"{source} holds a {found} network, which {found_recipe} trains and evaluates, "
+                f"not this recipe ({own_recipe or expected}): run {found_recipe} with it")
+    return f"{source} holds a network of arch {found!r}, which no recipe here builds (this run is {expected})"
 
 
 def model_state_from(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
@@ -191,19 +259,23 @@ def unwrap(model: nn.Module) -> nn.Module:
 def _strip_main() -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(
+    from .cli import ArgumentParser, check_output_file, run_cli
+
+    parser = ArgumentParser(
         prog="python -m xnornet.checkpoint",
         description="Write the small, shippable form of a training checkpoint (weights, arch, epoch, accuracy).",
     )
     parser.add_argument("checkpoint", help="a best.pth or last.pth written by a recipe")
-    parser.add_argument("output", help="where to write the stripped checkpoint")
+    parser.add_argument("output", help="where to write the stripped checkpoint (a new file)")
     args = parser.parse_args()
-    from .cli import run_cli
 
     def strip(ns: argparse.Namespace) -> None:
+        output = check_output_file(ns.output, "output")
+        if output.exists() and output.resolve() == Path(ns.checkpoint).resolve():
+            raise UserError(f"output {output} is the checkpoint itself: write the stripped form to another file")
         small = shipped_checkpoint(load_file(ns.checkpoint))
-        save_atomic(small, ns.output)
-        print(f"wrote {ns.output} (arch {small['arch']}, epoch {small['epoch']}, acc {small['acc']})")
+        save_atomic(small, output)
+        print(f"wrote {output} (arch {small['arch']}, epoch {small['epoch']}, acc {small['acc']})")
 
     run_cli(strip, args)
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
-from typing import Any, Callable, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple, Union
 
 LOG = logging.getLogger("xnornet")
 
@@ -83,23 +86,45 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _int_at_least(minimum: int, wording: str):
+def _int_in_range(minimum: int, wording: str, maximum: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[minimum, maximum]`` (no upper bound when ``maximum`` is None)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {wording}, got {text!r}") from None
-        if value < minimum:
+        if value < minimum or (maximum is not None and value > maximum):
             raise argparse.ArgumentTypeError(f"must be {wording}, got {value}")
         return value
 
     return parse
 
 
+def int_in_range(minimum: int, maximum: int, reason: str = "") -> Callable[[str], int]:
+    """argparse type: an integer in ``[minimum, maximum]``; ``reason`` says why (``"the images are 28 px"``)."""
+    why = f" ({reason})" if reason else ""
+    return _int_in_range(minimum, f"an integer from {minimum} to {maximum}{why}", maximum)
+
+
 #: argparse type: an integer > 0.
-positive_int = _int_at_least(1, "a positive integer")
+positive_int = _int_in_range(1, "a positive integer")
 #: argparse type: an integer >= 0.
-non_negative_int = _int_at_least(0, "an integer >= 0")
+non_negative_int = _int_in_range(0, "an integer >= 0")
+#: argparse type: a random seed, an integer in [0, 2**32) (the per-epoch seeds derived from it
+#: must stay within the 64 bits of a torch.Generator seed).
+seed_int = _int_in_range(0, f"an integer from 0 to {2**32 - 1}", 2**32 - 1)
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (no nan, no inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def positive_float(text: str) -> float:
@@ -108,7 +133,7 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
+    if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
@@ -119,7 +144,7 @@ def non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
+    if not (value >= 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
@@ -142,12 +167,72 @@ def setup_logging(verbose: bool = True) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
 
 
+def one_line(text: str, limit: Optional[int] = None) -> str:
+    """``text`` on one line (its lines joined, runs of blanks made one); past ``limit``
+    characters it is cut after the last whole sentence that fits (else the last whole word),
+    so that what is kept still reads as complete."""
+    flat = " ".join(text.split())
+    if limit is None or len(flat) <= limit:
+        return flat
+    head = flat[:limit + 1]
+    sentence_end = head.rfind(". ")
+    if sentence_end > limit // 3:
+        return head[:sentence_end + 1]
+    return head[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def check_file(path: Union[str, os.PathLike], what: str) -> Path:
+    """``path`` as a Path if it is an existing regular file; else a :class:`UserError` that says
+    what it is instead (missing, a directory, a device ...)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} {str(path)!r} does not exist")
+    if path.is_dir():
+        raise UserError(f"{what} {str(path)!r} is a directory, not a file")
+    if not path.is_file():
+        raise UserError(f"{what} {str(path)!r} is not a regular file")
+    return path
+
+
+def check_writable_dir(path: Union[str, os.PathLike], flag: str) -> None:
+    """Make sure that the folder ``path`` (given by ``flag``) exists and is writable, or can be
+    created, without creating anything: its nearest existing ancestor must be a folder that
+    takes a new file. Run it before slow work, so that a bad path fails at once."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            raise UserError(f"{flag} {path}: {existing} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == path:
+            raise UserError(f"{flag} {path} is a file, not a folder")
+        raise UserError(f"{flag} {path}: {existing} is a file, so no folder can be made under it")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        where = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        raise UserError(f"{flag} {path} {where} ({err.strerror or err})") from None
+
+
+def check_output_file(path: Union[str, os.PathLike], flag: str) -> Path:
+    """``path`` as a Path if a file can be written there (given by ``flag``): not a folder, in a
+    folder that exists and is writable or can be created."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory: give a file name")
+    check_writable_dir(path.parent, f"{flag} {path}: its folder")
+    return path
+
+
 def run_cli(main: Callable[[Any], Any], args: Any) -> None:
-    """Run ``main(args)``; a :class:`UserError` becomes one line on stderr and exit status 1."""
+    """Run ``main(args)``; a :class:`UserError` becomes one line on stderr and exit status 1
+    (a message of several lines is joined into one)."""
     try:
         main(args)
     except UserError as err:
-        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.write(f"error: {one_line(str(err)) or type(err).__name__}\n")
         sys.exit(1)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: checkpoints already written are kept\n")

@@ -29,9 +29,15 @@ class DistInfo:
         return self.world_size > 1
 
 
+def world_size_from_env() -> int:
+    """The number of processes torchrun started (WORLD_SIZE), 1 without torchrun; known before
+    the process group is joined, so that bad flags can be reported without waiting for it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(use_cuda: bool) -> DistInfo:
     """Join the torchrun process group if there is one (NCCL on GPUs, gloo on CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = world_size_from_env()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli import UserError
+from .cli import UserError, one_line
 
 
 def torchvision_download(dataset_name: str, root: Path) -> None:
@@ -16,5 +16,5 @@ def torchvision_download(dataset_name: str, root: Path) -> None:
         for train in (True, False):
             dataset_class(str(root), train=train, download=True)
     except Exception as err:  # network or disk errors, reported as one line
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = one_line(str(err), 240) or type(err).__name__
         raise UserError(f"--download of {dataset_name} into {root} failed: {message}") from None

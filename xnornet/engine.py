@@ -24,6 +24,7 @@ from .binop import BinOp
 from .checkpoint import (
     BEST_NAME,
     LAST_NAME,
+    arch_mismatch,
     checkpoint_accuracy,
     load_file,
     load_model_state,
@@ -35,7 +36,8 @@ from .checkpoint import (
 )
 from .cli import UserError
 from .distributed import DistInfo, all_reduce_sum
-from .metrics import MetricsLog, run_header
+from .faults import fault_point
+from .metrics import MetricsLog, is_epoch_record, read_log, run_header
 
 LOG = logging.getLogger("xnornet")
 
@@ -152,6 +154,7 @@ def train_one_epoch(
             loss.backward()
         bin_op.updateBinaryGradWeight()
         optimizer.step()
+        fault_point("train.step")
 
         loss_sum += loss.detach().double() * targets.size(0)
         correct += (output.detach().argmax(dim=1) == targets).sum()
@@ -176,7 +179,8 @@ def train_one_epoch(
                 step=steps, loss_sum=loss_sum.item(), correct=int(correct.item()),
                 seen=seen, seconds=time.perf_counter() - start))
     if seen == 0:
-        raise UserError("the training set produced no batch: is it empty, or smaller than the batch size?")
+        raise UserError("the training set produced no batch: it is empty, or holds a single image "
+                        "(which is left out: BatchNorm cannot train on one)")
     mean_loss = (loss_sum / seen).item()
     if not math.isfinite(mean_loss):
         raise NonFiniteLoss(f"training loss became {mean_loss} in epoch {epoch}; stopped without saving")
@@ -246,16 +250,24 @@ def evaluate(
     device: torch.device,
     topk: Sequence[int] = (1,),
     amp_dtype: Optional[torch.dtype] = None,
+    desc: str = "test",
+    log_seconds: float = 30.0,
 ) -> Dict[str, float]:
     """Test loss and top-k accuracy (percent) of the binarized model, summed over all ranks.
 
     Keys: ``test_loss``, ``test_acc`` (top-1), ``test_acc5`` when 5 is in ``topk``,
     ``test_correct``, ``test_count``.
+    A progress line (``desc``, images so far, images/s, and the ETA when ``batches`` has a
+    length) is logged at least every ``log_seconds`` seconds; it counts images on the host,
+    so it adds no device synchronization.
     """
     model.eval()
     totals = torch.zeros(2 + len(topk), device=device, dtype=torch.float64)  # loss sum, count, hits...
+    num_batches = len(batches) if hasattr(batches, "__len__") else None
+    start = last_log = time.perf_counter()
+    images_seen = 0
     with bin_op.binarized():
-        for images, targets in batches:
+        for step, (images, targets) in enumerate(batches, start=1):
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             with autocast(device, amp_dtype):
@@ -264,10 +276,21 @@ def evaluate(
             totals[0] += criterion(output, targets).double() * targets.size(0)
             totals[1] += targets.size(0)
             totals[2:] += topk_correct(output, targets, topk).double()
+            images_seen += targets.size(0)
+            now = time.perf_counter()
+            if now - last_log >= log_seconds:
+                last_log = now
+                rate = images_seen / max(now - start, 1e-9)
+                if num_batches:
+                    eta = (now - start) / step * (num_batches - step)
+                    LOG.info("%s [%d/%d] %d images, %.1f images/s, ETA %s", desc, step, num_batches,
+                             images_seen, rate, format_seconds(eta))
+                else:
+                    LOG.info("%s: %d images, %.1f images/s", desc, images_seen, rate)
     totals = all_reduce_sum(totals)
     count = int(totals[1].item())
     if count == 0:
-        raise UserError("the test set is empty")
+        raise UserError(f"the {desc} set is empty")
     result = {
         "test_loss": totals[0].item() / count,
         "test_count": count,
@@ -302,6 +325,7 @@ class RunState:
     last_acc: float = 0.0
     rng: Optional[Mapping[str, Any]] = None
     partial: Optional[EpochProgress] = None
+    last_record: Optional[Mapping[str, Any]] = None  # the log record of the last finished epoch
 
 
 class CheckpointClock:
@@ -332,7 +356,7 @@ def resume_run(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, ar
             "use --pretrained to start from its weights"
         )
     if checkpoint.get("arch") not in (None, arch):
-        raise UserError(f"--resume checkpoint {path!r} is for --arch {checkpoint['arch']}, not {arch}")
+        raise UserError(arch_mismatch(f"--resume checkpoint {path!r}", str(checkpoint["arch"]), arch))
     load_model_state(unwrap(model), model_state_from(checkpoint), f"--resume checkpoint {path!r}")
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -345,6 +369,7 @@ def resume_run(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, ar
         last_acc=float(checkpoint.get("last_acc", 0.0)),
         rng=checkpoint.get("rng"),
         partial=EpochProgress(**partial) if partial else None,
+        last_record=checkpoint.get("log_record"),
     )
 
 
@@ -356,14 +381,18 @@ def load_pretrained(path: str, model: nn.Module, arch: Optional[str] = None) -> 
     """
     checkpoint = load_file(path, "--pretrained checkpoint")
     if arch is not None and checkpoint.get("arch") not in (None, arch):
-        raise UserError(f"--pretrained checkpoint {path!r} was trained as --arch {checkpoint['arch']}, "
-                        f"not {arch}: pass --arch {checkpoint['arch']}")
+        raise UserError(arch_mismatch(f"--pretrained checkpoint {path!r}", str(checkpoint["arch"]), arch))
     load_model_state(unwrap(model), model_state_from(checkpoint), f"--pretrained checkpoint {path!r}")
     return checkpoint_accuracy(checkpoint)
 
 
+LOG_NAME = "log.jsonl"
+
+
 def check_output_dir(output_dir: Path, resuming: bool) -> None:
-    """Refuse to start a fresh run over the checkpoints of an earlier one."""
+    """Refuse to start a fresh run over the results of an earlier one: its checkpoints, or a
+    log.jsonl that holds finished epochs. (A log.jsonl with no finished epoch, from a run
+    stopped during its first epoch, is started anew by :func:`fit` with ``fresh_log``.)"""
     if resuming:
         return
     existing = [name for name in (LAST_NAME, BEST_NAME) if (output_dir / name).exists()]
@@ -371,6 +400,13 @@ def check_output_dir(output_dir: Path, resuming: bool) -> None:
         raise UserError(
             f"{output_dir} already holds {', '.join(existing)} from an earlier run; "
             "pass --resume to continue it, or choose another --output-dir"
+        )
+    log_path = output_dir / LOG_NAME
+    logged = sum(1 for record in read_log(log_path) if is_epoch_record(record)) if log_path.exists() else 0
+    if logged:
+        raise UserError(
+            f"{output_dir} already holds a {LOG_NAME} with {logged} epoch record(s) of an earlier run (and no "
+            "checkpoint to resume it from); choose another --output-dir"
         )
 
 
@@ -396,6 +432,7 @@ def fit(
     holdout_batches: Optional[Callable[[], Iterable[Batch]]] = None,
     checkpoint_clock: Optional[CheckpointClock] = None,
     precise_bn_steps: int = 0,
+    fresh_log: bool = False,
 ) -> RunState:
     """Train epochs ``state.start_epoch .. epochs``; checkpoint and log after each one.
 
@@ -407,10 +444,20 @@ def fit(
     (held-out training images, for choosing a recipe without the test set).
     ``precise_bn_steps`` > 0 recomputes the BatchNorm statistics on that many batches of
     ``train_batches(epoch)`` after each epoch's training, before testing and checkpointing.
+    ``fresh_log`` starts ``log.jsonl`` anew (a new run; :func:`check_output_dir` has made sure
+    that it holds no finished epoch); otherwise the run's header is appended (a resumed run).
     """
-    metrics = MetricsLog(output_dir / "log.jsonl") if dist_info.is_main else None
+    metrics = MetricsLog(output_dir / LOG_NAME) if dist_info.is_main else None
+    if metrics is not None and state.start_epoch > 1:
+        dropped = metrics.reconcile(state.start_epoch - 1, state.last_record)
+        if dropped:
+            LOG.warning("dropped %d record(s) of epochs after %d from %s: they are trained again",
+                        dropped, state.start_epoch - 1, metrics.path)
     if metrics is not None:
-        metrics.write(run_header(args, arch=arch, device=dist_info.device, world_size=dist_info.world_size))
+        if fresh_log and metrics.path.exists():
+            LOG.info("starting %s anew: it holds no finished epoch", metrics.path)
+        metrics.write(run_header(args, arch=arch, device=dist_info.device, world_size=dist_info.world_size),
+                      fresh=fresh_log)
     if state.rng is not None and state.partial is None:
         restore_rng_state(state.rng)
     if checkpoint_clock is not None:
@@ -452,7 +499,7 @@ def fit(
         extra_stats: Dict[str, Any] = {}
         if holdout_batches is not None:
             held = evaluate(model, bin_op, holdout_batches(), criterion,
-                            device=dist_info.device, topk=topk, amp_dtype=amp_dtype)
+                            device=dist_info.device, topk=topk, amp_dtype=amp_dtype, desc="holdout")
             extra_stats = {key.replace("test_", "holdout_"): value for key, value in held.items()}
         test_stats = evaluate(model, bin_op, test_batches(), criterion,
                               device=dist_info.device, topk=topk, amp_dtype=amp_dtype)
@@ -474,6 +521,7 @@ def fit(
                 arch=arch, model=model, optimizer=optimizer, epoch=epoch,
                 best_acc=state.best_acc, last_acc=state.last_acc, args=args,
             )
+            checkpoint["log_record"] = record  # for a stop between this save and the log line
             save_atomic(checkpoint, output_dir / LAST_NAME)
             if improved:
                 save_atomic(checkpoint, output_dir / BEST_NAME)
@@ -490,6 +538,14 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+def train_batch_count(count: int, batch_size: int) -> int:
+    """The number of training batches of ``count`` samples: every batch of ``batch_size``, then
+    the rest, unless the rest is a single sample (BatchNorm cannot train on one sample: it is
+    left out, as :func:`iterate_tensors` with ``drop_single_last`` and ImageNet's loader do)."""
+    rest = count % batch_size
+    return count // batch_size + (1 if rest > 1 else 0)
+
+
 def iterate_tensors(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -498,15 +554,26 @@ def iterate_tensors(
     generator: Optional[torch.Generator] = None,
     transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     drop_last: bool = False,
+    drop_single_last: bool = False,
 ) -> Iterator[Batch]:
-    """Batches of a dataset held as tensors, by indexing (shuffled if ``generator`` is given)."""
+    """Batches of a dataset held as tensors, by indexing (shuffled if ``generator`` is given).
+
+    ``drop_last`` leaves out a last batch smaller than ``batch_size``; ``drop_single_last``
+    only a last batch of one sample (for training: :func:`train_batch_count` batches).
+    """
     count = images.size(0)
     order = torch.randperm(count, generator=generator) if generator is not None else None
-    stop = count - count % batch_size if drop_last else count
+    if drop_last:
+        stop = count - count % batch_size
+    elif drop_single_last:
+        stop = min(count, train_batch_count(count, batch_size) * batch_size)
+    else:
+        stop = count
     for begin in range(0, stop, batch_size):
+        end = min(begin + batch_size, stop)
         if order is None:
-            batch_images, batch_labels = images[begin:begin + batch_size], labels[begin:begin + batch_size]
+            batch_images, batch_labels = images[begin:end], labels[begin:end]
         else:
-            index = order[begin:begin + batch_size].to(images.device)
+            index = order[begin:end].to(images.device)
             batch_images, batch_labels = images[index], labels[index]
         yield (transform(batch_images) if transform is not None else batch_images), batch_labels

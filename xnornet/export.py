@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
-from .checkpoint import checkpoint_accuracy, load_file, load_model_state, model_state_from
-from .cli import ArgumentParser, UserError, run_cli, setup_logging
+from .checkpoint import checkpoint_accuracy, is_safetensors_file, load_file, load_model_state, model_state_from
+from .cli import ArgumentParser, UserError, check_output_file, run_cli, setup_logging
 
 LOG = logging.getLogger("xnornet")
 
@@ -54,6 +54,13 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     from .packed.fileformat import save_packed
     from .packed.summary import format_summary, layer_rows
 
+    output = check_output_file(args.output, "-o/--output")
+    if output.exists():
+        if output.resolve() == Path(args.checkpoint).resolve():
+            raise UserError(f"-o/--output {output} is the checkpoint itself: give the .xnor file another name")
+        if not is_safetensors_file(output):
+            raise UserError(f"-o/--output {output} exists and is not a packed .xnor model; "
+                            "not replacing it: give another file name")
     checkpoint = load_file(args.checkpoint)
     arch = args.arch or checkpoint.get("arch")
     if not arch:

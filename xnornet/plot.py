@@ -10,14 +10,14 @@ colour and one legend entry. The 2017 code's figure for the arch is drawn as a d
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
-from .cli import ArgumentParser, UserError, positive_float, positive_int, run_cli
+from .cli import ArgumentParser, UserError, check_output_file, finite_float, positive_float, positive_int, run_cli
+from .metrics import read_run_log
 from .summarize import run_name
 
 if TYPE_CHECKING:
@@ -56,21 +56,13 @@ def default_label(path: Path, args: Dict[str, Any], arch: str) -> str:
 
 
 def read_run(path: Path, label: Optional[str] = None) -> Run:
-    """Parse a log: the first header gives arch and arguments; later headers (a resumed run)
-    are skipped, and an epoch logged twice keeps its last record."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} is not a readable JSON-lines log ({err})") from None
-    records = [record for record in records if isinstance(record, dict)]
-    headers = [record for record in records if record.get("event") == "start"]
-    args = headers[0].get("args", {}) if headers else {}
+    """Parse a log's run (:func:`xnornet.metrics.read_run_log`: its first header gives arch and
+    arguments; resumed runs' headers are skipped, and an epoch logged twice keeps its last record)."""
+    headers, records = read_run_log(path)
+    args = (headers[0].get("args") or {}) if headers else {}
     arch = str(args.get("arch") or (headers[0].get("arch") if headers else None) or "?")
-    by_epoch: Dict[int, Dict[str, Any]] = {}
-    for record in records:
-        if "epoch" in record and "event" not in record and ("train_loss" in record or "test_acc" in record):
-            by_epoch[int(record["epoch"])] = record
+    by_epoch = {int(record["epoch"]): record for record in records
+                if "train_loss" in record or "test_acc" in record}
     if not by_epoch:
         raise UserError(f"{path} holds no epoch record (is it a training log?)")
     run = Run(path=path, arch=arch, label=label or default_label(path, args, arch),
@@ -91,6 +83,19 @@ def _matplotlib() -> Tuple[Any, Any]:
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install matplotlib") from None
     return Figure, FigureCanvasAgg
+
+
+def check_image_path(path: Path) -> None:
+    """``-o``: a file whose suffix names an image format matplotlib writes, in a writable folder
+    (checked before any log is read; matplotlib would add ``.png`` to a name without suffix)."""
+    check_output_file(path, "-o/--output")
+    figure_class, canvas_class = _matplotlib()
+    formats = canvas_class(figure_class()).get_supported_filetypes()
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        shown = "no suffix" if not suffix else f"suffix .{suffix}"
+        raise UserError(f"-o/--output {path} has {shown}: name an image file, e.g. curves.png "
+                        f"(formats: {', '.join(sorted(formats))})")
 
 
 def _legend_text(label: str, runs: Sequence[Run]) -> str:
@@ -170,7 +175,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", action="append", default=None, metavar="TEXT",
                         help="the legend label of each log, in order (give it once per log); equal labels "
                              "share a colour and one legend entry")
-    parser.add_argument("--ylim", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+    parser.add_argument("--ylim", type=finite_float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="the range of the accuracy axis (default: fit the curves)")
     parser.add_argument("--title", default=None, help="a title above the two panels")
     parser.add_argument("--size", type=positive_float, nargs=2, default=(9.0, 4.5), metavar=("W", "H"),
@@ -185,6 +190,7 @@ def main(args: argparse.Namespace) -> Figure:
         raise UserError(f"--label was given {len(args.label)} times for {len(args.logs)} logs: give one per log")
     if args.ylim is not None and not args.ylim[0] < args.ylim[1]:
         raise UserError(f"--ylim needs LOW < HIGH, got {args.ylim[0]} {args.ylim[1]}")
+    check_image_path(args.output)
     labels = args.label or [None] * len(args.logs)
     runs = [read_run(path, label) for path, label in zip(args.logs, labels)]
     figure = plot_runs(runs, ylim=tuple(args.ylim) if args.ylim else None, title=args.title,

@@ -1,6 +1,8 @@
 """What the three recipes' main.py share: common flags and the train/evaluate/resume driver.
 
-A recipe parses its flags (``add_common_args`` plus its own), loads its data,
+A recipe parses its flags (:func:`add_arch_arg`, :func:`add_data_args`, :func:`add_common_args`
+plus its own, which are only what is truly its own), calls :func:`restore_run_args` and
+:func:`check_run_inputs` (every input that can be checked before slow work), loads its data,
 builds its model and calls :func:`run_recipe`.
 """
 
@@ -9,16 +11,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence
+from typing import Any, Callable, Collection, Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .binop import LEGACY_GRAD_SCALE, BinOp
-from .checkpoint import load_file, load_model_state, model_state_from, unwrap
-from .cli import UserError, non_negative_float, non_negative_int, positive_float, positive_int, unit_interval
+from .checkpoint import arch_mismatch, load_file, load_model_state, model_state_from, recipe_of_arch, unwrap
+from .cli import (
+    UserError,
+    check_file,
+    check_writable_dir,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_int,
+    unit_interval,
+)
 from .distill import DistillationLoss
 from .distributed import DistInfo
 from .engine import (
@@ -48,9 +61,59 @@ def grad_scale_arg(text: str) -> Any:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected '2017' or a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be '2017' or a finite number > 0, got {text}")
     return value
+
+
+def add_arch_arg(parser: argparse.ArgumentParser, architectures: Collection[str], default: str, help: str) -> None:
+    """``--arch`` / ``-a``: which network of the recipe (``help`` describes the recipe's variants)."""
+    parser.add_argument("--arch", "-a", default=default, choices=sorted(architectures),
+                        help=f"{help} (default: {default})")
+
+
+def add_data_args(
+    parser: argparse.ArgumentParser,
+    *,
+    data_help: str,
+    test_batch_size: Optional[int],
+    download_help: Optional[str] = None,
+    tensor_data: bool = False,
+) -> argparse._ArgumentGroup:
+    """The "data" group every recipe has: ``--data``, ``--test-batch-size``, and where the
+    recipe has them ``--download`` and, for data held as tensors (MNIST, CIFAR-10),
+    ``--train-subset``, ``--test-subset`` and ``--holdout``. Returns the group, for the
+    recipe's own data flags.
+
+    ``test_batch_size`` None: the test batch is the training batch (``--batch-size``).
+    """
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", type=Path, default=Path("./data"), metavar="DIR",
+                       help=f"{data_help} (default: ./data)")
+    if download_help is not None:
+        group.add_argument("--download", action="store_true", help=download_help)
+    default_text = "the training batch size" if test_batch_size is None else str(test_batch_size)
+    group.add_argument("--test-batch-size", type=positive_int, default=test_batch_size, metavar="N",
+                       help=f"batch size for testing (default: {default_text})")
+    if tensor_data:
+        group.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
+                           help="train on the first N training images only (default: all)")
+        group.add_argument("--test-subset", type=positive_int, default=None, metavar="N",
+                           help="test on the first N test images only (default: all)")
+        group.add_argument("--holdout", type=non_negative_int, default=0, metavar="N",
+                           help="hold the last N training images (of --train-subset) out of training and report "
+                                "their accuracy after every epoch (holdout_acc in the log), for choosing a recipe "
+                                "without the test set (default: 0)")
+    return group
+
+
+def subset_size(count: Optional[int], total: int, flag: str, what: str) -> int:
+    """How many of ``total`` images ``--train-subset`` / ``--test-subset`` (``flag``) keep."""
+    if count is None:
+        return total
+    if count > total:
+        raise UserError(f"{flag} {count} exceeds the {total} {what} images of the data set")
+    return count
 
 
 def add_common_args(
@@ -59,13 +122,14 @@ def add_common_args(
     """Flags every recipe has, with the recipe's 2017 defaults."""
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=positive_int, default=epochs, metavar="N",
-                       help=f"number of epochs to train (default: {epochs})")
+                       help="the epoch to train up to: the run's total, counting the epochs a --resume "
+                            f"checkpoint already trained (default: {epochs})")
     group.add_argument("--batch-size", "-b", type=positive_int, default=batch_size, metavar="N",
-                       help=f"training batch size (default: {batch_size})")
-    group.add_argument("--lr", "--learning-rate", type=float, default=lr, metavar="LR",
-                       help=f"initial Adam learning rate (default: {lr})")
-    group.add_argument("--weight-decay", "--wd", type=float, default=weight_decay, metavar="W",
-                       help=f"Adam weight decay (default: {weight_decay})")
+                       help=f"training batch size, at least 2 per process for BatchNorm (default: {batch_size})")
+    group.add_argument("--lr", "--learning-rate", type=positive_float, default=lr, metavar="LR",
+                       help=f"initial Adam learning rate, > 0 (default: {lr})")
+    group.add_argument("--weight-decay", "--wd", type=non_negative_float, default=weight_decay, metavar="W",
+                       help=f"Adam weight decay, >= 0 (default: {weight_decay})")
     group.add_argument("--grad-scale", type=grad_scale_arg, default=LEGACY_GRAD_SCALE, metavar="S",
                        help="factor on the corrected weight gradient: '2017' = n*(1-1/C_in) per layer "
                             "(default), 1 = the pure formula (notes, eq. 9)")
@@ -76,9 +140,13 @@ def add_common_args(
                        help="after each epoch, recompute every BatchNorm's running mean and variance as the plain "
                             "average over N training batches (the weights unchanged) before testing; 0 = keep "
                             "the running averages of training, as 2017 (default: 0)")
-    group.add_argument("--seed", type=int, default=1, metavar="S", help="random seed (default: 1)")
+    group.add_argument("--seed", type=seed_int, default=1, metavar="S",
+                       help=f"random seed, 0 to {2**32 - 1} (default: 1)")
     group.add_argument("--log-interval", "--print-freq", "-p", type=positive_int, default=100, metavar="N",
-                       help="batches between progress lines (default: 100)")
+                       help="batches between progress lines, which also come at least every 30 s (default: 100)")
+    group = parser.add_argument_group("device")
+    group.add_argument("--cpu", "--no-cuda", dest="cpu", action="store_true",
+                       help="run on the CPU even if CUDA is available")
     group = parser.add_argument_group("precision and memory layout")
     group.add_argument("--amp", nargs="?", const="bf16", default=None, choices=sorted(AMP_DTYPES),
                        help="autocast the convolutions and linear layers: bf16 (what a bare --amp means; on the "
@@ -124,9 +192,11 @@ def add_common_args(
 
 #: Flags that a resumed run may change: where things are, how much to log, when to stop, and
 #: the base learning rate (a hand-made change of schedule, as the 2017 users made by resuming).
+#: (Checkpoints written before --cpu was shared record MNIST's and ImageNet's "no_cuda",
+#: which no parser has now: such keys are never restored.)
 CHANGEABLE_ON_RESUME = frozenset({
     "epochs", "lr", "data", "data_format", "download", "cache_dir", "workers", "output_dir", "log_interval",
-    "checkpoint_minutes", "checkpoint_steps", "test_batch_size", "cpu", "no_cuda", "evaluate", "packed",
+    "checkpoint_minutes", "checkpoint_steps", "test_batch_size", "cpu", "evaluate", "packed",
     "start_epoch",
 })
 #: Flags never taken from the checkpoint: they name this invocation, not the run.
@@ -146,11 +216,16 @@ def restore_run_args(args: argparse.Namespace) -> argparse.Namespace:
     Every flag not given on this command line takes the value the run was started with
     (so a resumed run continues the same recipe); a flag given again must agree, unless it
     is one of :data:`CHANGEABLE_ON_RESUME` (``--epochs`` to extend a run, ``--data`` for a
-    moved dataset, ...). Call it first in ``main``, before any data is loaded.
+    moved dataset, ...). Call it first in ``main``, before any data is loaded: it also
+    refuses, at once, a checkpoint of another recipe's network and a run left with no epoch
+    to train.
     """
     if not getattr(args, "resume", None):
         return args
-    saved = load_file(args.resume, "--resume checkpoint").get("args")
+    check_flag_combinations(args)  # before the checks below, which assume a sensible combination
+    checkpoint = load_file(args.resume, "--resume checkpoint")
+    check_same_recipe(checkpoint, args.arch, f"--resume checkpoint {args.resume!r}")
+    saved = checkpoint.get("args")
     if not isinstance(saved, dict):
         return args  # a checkpoint without recorded arguments: the command line is all there is
     given = getattr(args, "given", frozenset(vars(args)))
@@ -168,6 +243,10 @@ def restore_run_args(args: argparse.Namespace) -> argparse.Namespace:
     if conflicts:
         raise UserError(f"--resume {args.resume}: flags differ from the run's own: {'; '.join(conflicts)}; "
                         "leave them out to continue the run as it was started")
+    if not getattr(args, "evaluate", False) and isinstance(checkpoint.get("epoch"), int):
+        # Here, not only once the data is loaded: the checkpoint is at hand.
+        start_epoch = getattr(args, "start_epoch", None)
+        check_epochs_left(start_epoch or checkpoint["epoch"] + 1, args.epochs, from_start_epoch=bool(start_epoch))
     return args
 
 
@@ -208,12 +287,96 @@ def distillation_loss(
     return loss
 
 
+def check_epochs_left(next_epoch: int, epochs: int, *, from_start_epoch: bool) -> None:
+    """Refuse a training run with nothing to train: its first epoch (``--start-epoch`` or the
+    one after a checkpoint's) is past ``--epochs``."""
+    if next_epoch <= epochs:
+        return
+    if from_start_epoch:
+        raise UserError(f"--start-epoch {next_epoch} is past --epochs {epochs}: nothing to train")
+    raise UserError(f"the checkpoint already finished epoch {next_epoch - 1} of --epochs {epochs}; "
+                    "raise --epochs to train further")
+
+
+def check_same_recipe(checkpoint: Dict[str, Any], arch: str, source: str) -> None:
+    """Refuse a checkpoint whose recorded arch another recipe trains (a MNIST file given to
+    the CIFAR-10 recipe, ...), naming the recipe it belongs to. Files without an arch pass."""
+    found = checkpoint.get("arch")
+    if isinstance(found, str) and recipe_of_arch(found) != recipe_of_arch(arch):
+        raise UserError(arch_mismatch(source, found, arch))
+
+
 def resolve_output_dir(args: argparse.Namespace, recipe_dir: Path) -> Path:
+    """``--output-dir``, else the ``--resume`` checkpoint's folder, else ``runs/<arch>-<time>``
+    beside the recipe's main.py."""
     if args.output_dir is not None:
         return Path(args.output_dir)
     if args.resume:
         return Path(args.resume).resolve().parent
     return recipe_dir / "runs" / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_flag_combinations(args: argparse.Namespace) -> None:
+    """Flags that exclude or need one another (cheap: reads no file)."""
+    if args.resume and args.pretrained:
+        raise UserError("--resume and --pretrained exclude each other: --resume already restores the weights")
+    if getattr(args, "init_from", None) and (args.resume or args.pretrained or args.evaluate):
+        raise UserError("--init-from starts a new training run: it excludes --resume, --pretrained and --evaluate")
+    if args.evaluate and not (args.pretrained or args.resume):
+        raise UserError("--evaluate needs the model to test: pass --pretrained PATH (or --resume PATH)")
+    if getattr(args, "packed", False) and not args.evaluate:
+        raise UserError("--packed needs --evaluate: the packed engine is inference-only")
+    if getattr(args, "distill_from", None) and args.evaluate:
+        raise UserError("--distill-from is for training: it has no effect with --evaluate")
+
+
+def check_run_inputs(
+    args: argparse.Namespace,
+    recipe_dir: Path,
+    *,
+    architectures: Collection[str],
+    batch_per_process: Optional[int] = None,
+) -> None:
+    """Check every input that can be checked before slow work (loading data, preprocessing,
+    building models); call it at the start of ``main``, after :func:`restore_run_args`.
+
+    Flag combinations; ``--arch`` (possibly restored from a checkpoint) is one of
+    ``architectures``; every checkpoint flag names a readable checkpoint of this recipe (of
+    ``--arch`` for ``--pretrained``); a training run needs at least 2 samples per process
+    (``batch_per_process``, default ``--batch-size``: BatchNorm), a first epoch within
+    ``--epochs`` and an output folder that is writable and holds no earlier run's results.
+    The output folder is resolved once here (``args.output_dir``), so that the folder
+    checked is the one written.
+    """
+    check_flag_combinations(args)
+    if args.arch not in architectures:
+        raise UserError(f"--arch {args.arch} (from the --resume checkpoint) is not an arch of this recipe: "
+                        f"one of {', '.join(sorted(architectures))}")
+    for flag in ("pretrained", "init_from", "distill_from"):
+        path = getattr(args, flag, None)
+        if not path:
+            continue
+        what = f"--{flag.replace('_', '-')} checkpoint"
+        checkpoint = load_file(path, what)
+        check_same_recipe(checkpoint, args.arch, f"{what} {path!r}")
+        if flag == "pretrained" and checkpoint.get("arch") not in (None, args.arch):
+            raise UserError(arch_mismatch(f"{what} {path!r}", str(checkpoint["arch"]), args.arch))
+    if args.resume:
+        check_file(args.resume, "--resume checkpoint")  # read already by restore_run_args
+    if args.evaluate:
+        return
+    start_epoch = getattr(args, "start_epoch", None)
+    if start_epoch and not args.resume:
+        check_epochs_left(start_epoch, args.epochs, from_start_epoch=True)
+    per_process = args.batch_size if batch_per_process is None else batch_per_process
+    if per_process < 2:
+        share = "" if per_process == args.batch_size else f", split over the processes, gives {per_process} per process"
+        raise UserError(f"--batch-size {args.batch_size}{share}: training needs at least 2 samples per batch "
+                        "and process (BatchNorm normalizes over the batch)")
+    output_dir = resolve_output_dir(args, recipe_dir)
+    check_writable_dir(output_dir, "--output-dir")
+    check_output_dir(output_dir, resuming=bool(args.resume))
+    args.output_dir = output_dir
 
 
 def run_recipe(
@@ -245,16 +408,7 @@ def run_recipe(
     ``build_model(arch)`` builds the teacher of ``--distill-from`` (on the model's device).
     Returns the final metrics (evaluation results, or the last epoch's state).
     """
-    if args.resume and args.pretrained:
-        raise UserError("--resume and --pretrained exclude each other: --resume already restores the weights")
-    if getattr(args, "init_from", None) and (args.resume or args.pretrained or args.evaluate):
-        raise UserError("--init-from starts a new training run: it excludes --resume, --pretrained and --evaluate")
-    if args.evaluate and not (args.pretrained or args.resume):
-        raise UserError("--evaluate needs the model to test: pass --pretrained PATH (or --resume PATH)")
-    if getattr(args, "packed", False) and not args.evaluate:
-        raise UserError("--packed needs --evaluate: the packed engine is inference-only")
-    if getattr(args, "distill_from", None) and args.evaluate:
-        raise UserError("--distill-from is for training: it has no effect with --evaluate")
+    check_flag_combinations(args)
     train_model = train_model if train_model is not None else model
     bin_op = BinOp(train_model, grad_scale=args.grad_scale, grad_multiplier=getattr(args, "grad_multiplier", 1.0))
     criterion: nn.Module = nn.CrossEntropyLoss()
@@ -285,7 +439,7 @@ def run_recipe(
 
             model = pack_for_evaluation(model, dist_info.device)
         result = evaluate(model, BinOp(model), test_batches(), criterion,
-                          device=dist_info.device, topk=topk, amp_dtype=amp_dtype)
+                          device=dist_info.device, topk=topk, amp_dtype=amp_dtype, desc="test")
         if dist_info.is_main:
             accs = ", ".join(f"{k} {v:.2f}%" for k, v in result.items() if k.startswith("test_acc"))
             print(f"Test set: {result['test_correct']}/{result['test_count']} correct, {accs}, "
@@ -293,9 +447,10 @@ def run_recipe(
             print(json.dumps(result))
         return result
 
-    if state.start_epoch > args.epochs:
-        raise UserError(f"the checkpoint already finished epoch {state.start_epoch - 1} of --epochs {args.epochs}; "
-                        "raise --epochs to train further")
+    check_epochs_left(state.start_epoch, args.epochs, from_start_epoch=start_epoch is not None)
+    if num_train_batches < 1:
+        raise UserError("the training set gives no batch to train on: it is empty, or holds a single image "
+                        "(which is left out: BatchNorm cannot train on one)")
     if getattr(args, "lr_schedule", "step") == "cosine":
         def schedule(epoch: int) -> float:
             return cosine_lr_at_epoch(args.lr, epoch, args.epochs)
@@ -319,6 +474,7 @@ def run_recipe(
         checkpoint_clock=CheckpointClock(steps=getattr(args, "checkpoint_steps", 0),
                                          minutes=getattr(args, "checkpoint_minutes", 0.0)),
         precise_bn_steps=getattr(args, "precise_bn", 0),
+        fresh_log=not args.resume,
     )
     LOG.info("done: last %.2f%%, best %.2f%% (checkpoints in %s)", state.last_acc, state.best_acc, output_dir)
     return {"best_acc": state.best_acc, "last_acc": state.last_acc, "output_dir": str(output_dir)}

@@ -6,38 +6,36 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
 from .cli import ArgumentParser, UserError, run_cli
+from .metrics import read_run_log
 
 
 def summarize_log(path: Path) -> Dict[str, Any]:
-    """Arch, epochs, final and best test accuracy, wall time and commit of one log."""
-    try:
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} is not a readable JSON-lines log ({err})") from None
-    headers = [r for r in records if r.get("event") == "start"]
-    epochs = [r for r in records if "epoch" in r and "test_acc" in r]
-    if not epochs:
-        raise UserError(f"{path} holds no epoch record")
-    best = max(epochs, key=lambda r: r["test_acc"])
+    """Arch, epochs, final and best test accuracy, wall time and commits of the run in one log
+    (its last run, when a log holds several: see :func:`xnornet.metrics.read_run_log`)."""
+    headers, records = read_run_log(path)
     header = headers[0] if headers else {}
+    epochs = [r for r in records if isinstance(r.get("test_acc"), (int, float))]
+    if not epochs:
+        raise UserError(f"{path} holds no epoch record with a test accuracy")
+    best = max(epochs, key=lambda r: r["test_acc"])
+    args = header.get("args") or {}
     return {
         "log": str(path),
-        "arch": header.get("arch", "?"),
-        "seed": header.get("args", {}).get("seed"),
+        "arch": header.get("arch") or args.get("arch") or "?",
+        "seed": args.get("seed"),
         "epochs": epochs[-1]["epoch"],
         "final_acc": epochs[-1]["test_acc"],
         "best_acc": best["test_acc"],
         "best_epoch": best["epoch"],
         "hours": sum(r.get("seconds", 0.0) for r in epochs) / 3600,
-        "commits": sorted({h.get("git_commit") or "?" for h in headers}),
-        "hardware": header.get("hardware", {}).get("gpu") or header.get("hardware", {}).get("cpu"),
+        "commits": sorted({h.get("git_commit") or "?" for h in headers} or {"?"}),
+        "hardware": (header.get("hardware") or {}).get("gpu") or (header.get("hardware") or {}).get("cpu"),
     }
 
 

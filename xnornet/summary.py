@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .cli import ArgumentParser, UserError, run_cli
+from .cli import ArgumentParser, UserError, one_line, run_cli
 from .layers import BinConv2d, ConvBlock
 
 LOG = logging.getLogger("xnornet")
@@ -177,8 +177,8 @@ def _output_shapes(model: nn.Module, modules: Sequence[Tuple[str, nn.Module]],
         model.eval()
         model(dummy)
     except RuntimeError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"the model does not take an input of shape {tuple(input_shape)} ({first_line[:200]})") from None
+        reason = one_line(str(err), 240) or type(err).__name__
+        raise UserError(f"the model does not take an input of shape {tuple(input_shape)} ({reason})") from None
     finally:
         for handle in handles:
             handle.remove()

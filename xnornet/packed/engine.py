@@ -641,7 +641,7 @@ def pack_model(model: nn.Module, fuse: bool = True) -> nn.Module:
 def pack_for_evaluation(model: nn.Module, device: torch.device) -> nn.Module:
     """``--evaluate --packed``: the packed copy of a loaded model; the engine runs on the CPU only."""
     if device.type != "cpu":
-        raise UserError(f"--packed runs on the CPU, not {device.type}: add --no-cuda")
+        raise UserError(f"--packed runs on the CPU, not {device.type}: add --cpu")
     packed = pack_model(model)
     count = sum(isinstance(module, PackedBinConv2d) for module in packed.modules())
     if count == 0:

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 
 from ..atomic import atomic_file
-from ..cli import UserError
+from ..checkpoint import is_safetensors_file
+from ..cli import UserError, check_file, one_line
 from ..layers import BinConv2d
 from .archs import build_arch
 from .engine import (
@@ -94,15 +95,16 @@ def read_packed(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     """The arrays and metadata of a ``.xnor`` file; bad files raise :class:`UserError`."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"packed model {str(path)!r} does not exist")
+    path = check_file(path, "packed model")
+    if not is_safetensors_file(path):
+        raise UserError(f"{str(path)!r} is not a packed xnornet model (not a safetensors file; a PyTorch checkpoint "
+                        "is made into one by python -m xnornet.export)")
     try:
         with safe_open(str(path), framework="np") as handle:
             metadata = dict(handle.metadata() or {})
             arrays = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{str(path)!r} is not a packed xnornet model ({str(err).splitlines()[0][:160]})") from None
+        raise UserError(f"{str(path)!r} is not a packed xnornet model ({one_line(str(err), 160)})") from None
     if metadata.get("format") != FORMAT_NAME:
         raise UserError(f"{str(path)!r} is not a packed xnornet model (format {metadata.get('format')!r})")
     if metadata.get("version") != str(FORMAT_VERSION):
