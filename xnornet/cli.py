@@ -116,48 +116,29 @@ non_negative_int = _int_in_range(0, "an integer >= 0")
 seed_int = _int_in_range(0, f"an integer from 0 to {2**32 - 1}", 2**32 - 1)
 
 
-def finite_float(text: str) -> float:
-    """argparse type: a finite float (no nan, no inf)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
+def _float_where(accept: Callable[[float], bool], wording: str) -> Callable[[str], float]:
+    """An argparse type: a float for which ``accept`` holds (``wording`` names the range)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wording}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {wording}, got {text}")
+        return value
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def unit_interval(text: str) -> float:
-    """argparse type: a float in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+#: argparse type: a finite float (no nan, no inf).
+finite_float = _float_where(math.isfinite, "a finite number")
+#: argparse type: a finite float > 0.
+positive_float = _float_where(lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
+#: argparse type: a finite float >= 0.
+non_negative_float = _float_where(lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
+#: argparse type: a float in [0, 1].
+unit_interval = _float_where(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 
 def setup_logging(verbose: bool = True) -> None:
