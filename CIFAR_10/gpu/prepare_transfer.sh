@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pack the CIFAR-10 binary version for the device tool (issue: CIFAR-10 on the GPU).
+# Pack the CIFAR-10 binary version into parts small enough to send to a remote GPU machine.
 # One call's working tree holds 64 MiB, so the six .bin files go as an xz -9 tar split
 # into parts under 60 MiB, in an ignored folder, each sent by its own call (carry).
 #   bash CIFAR_10/gpu/prepare_transfer.sh ../shared/data/cifar-10-batches-bin
