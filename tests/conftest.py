@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Sequence
 
 import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_module(script: str, name: str) -> ModuleType:
+    """``script`` (a path relative to the repository) executed as a module called ``name``:
+    every recipe's entry point is a main.py, so each needs a name of its own."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(script: str, args: Sequence[str], cwd: Path = REPO_ROOT, timeout: float = 300,

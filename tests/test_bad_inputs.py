@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import sys
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, assert_one_line_error, run_script
+from conftest import REPO_ROOT, assert_one_line_error, load_module, run_script
 from imagenet_fixtures import SMALL_ARGS, make_image_folder, recipe_main  # also puts ImageNet/ on sys.path
 from test_cifar_main import data  # noqa: F401  (the CIFAR-10 fixture)
 from test_cifar_main import load_main as load_cifar_main
@@ -277,10 +276,7 @@ CONTEXTS = {MNIST: mnist_context, CIFAR: cifar_context, IMAGENET: imagenet_conte
 
 def load_recipe(script: str):
     """A recipe's main.py as a module of its own name (they are all called main.py)."""
-    spec = importlib.util.spec_from_file_location(f"bad_inputs_{Path(script).parent.name}", REPO_ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(script, f"bad_inputs_{Path(script).parent.name}")
 
 
 @pytest.fixture(scope="module")

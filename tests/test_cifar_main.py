@@ -8,7 +8,6 @@ tests/test_cifar_data.py checks that such errors reach the user as one line).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "CIFAR_10"))
 
-from conftest import REPO_ROOT, run_script  # noqa: E402
+from conftest import REPO_ROOT, load_module, run_script  # noqa: E402
 from cifar_write import write_bin_layout, write_npy_layout, write_py_layout  # noqa: E402
 from xnornet.cli import UserError  # noqa: E402
 
@@ -29,10 +28,7 @@ FAST = ["--batch-size", "32", "--test-batch-size", "16", "--log-interval", "1"]
 
 def load_main():
     """CIFAR_10/main.py as a module of its own name (other recipes also have a main.py)."""
-    spec = importlib.util.spec_from_file_location("cifar10_main", REPO_ROOT / MAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(MAIN, "cifar10_main")
 
 
 def run_in_process(*argv):
@@ -232,9 +228,7 @@ def test_cache_inside_the_data_folder_is_refused(data):
 
 
 def test_gpu_benchmark_runs_on_the_cpu(tmp_path):
-    spec = importlib.util.spec_from_file_location("cifar10_benchmark_gpu", REPO_ROOT / "CIFAR_10/benchmark_gpu.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_module("CIFAR_10/benchmark_gpu.py", "cifar10_benchmark_gpu")
     log = tmp_path / "bench.jsonl"
     args = benchmark.get_args_parser().parse_args(
         ["--cpu", "--archs", "nin", "--steps", "1", "--warmup", "1", "--eval-steps", "1", "--batch-size", "4",

@@ -9,7 +9,6 @@ process.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import zipfile
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_module
 from imagenet_fixtures import SMALL_ARGS, make_image_folder, run_in_process as run_imagenet
 
 for _folder in ("MNIST", "CIFAR_10"):
@@ -36,10 +35,7 @@ def recipe(folder: str) -> ModuleType:
     """``<folder>/main.py`` imported under a name of its own (every recipe has a main.py)."""
     name = f"legacy_test_{folder.lower()}_main"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / folder / "main.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        sys.modules[name] = load_module(f"{folder}/main.py", name)
     return sys.modules[name]
 
 

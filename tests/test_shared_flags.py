@@ -4,13 +4,12 @@ everywhere (one definition in xnornet.recipe); numeric flags are checked when pa
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from typing import Dict
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_module
 from imagenet_fixtures import recipe_main as imagenet_main  # also puts ImageNet/ on sys.path
 
 sys.path.insert(0, str(REPO_ROOT / "MNIST"))
@@ -30,10 +29,7 @@ RECIPE_SPECIFIC = {"lr_epochs"}
 
 
 def load(script: str):
-    spec = importlib.util.spec_from_file_location(f"flags_{script.split('/')[0]}", REPO_ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(script, f"flags_{script.split('/')[0]}")
 
 
 @pytest.fixture(scope="module")
